@@ -1,0 +1,12 @@
+"""ViT-H/14 on ImageNet-1k with the ViT-B/16 setup of configs/vit_b16.py.
+
+  python -m vit_jax.main --config configs/vit_h14.py --workdir workdirs/vit_h14
+"""
+
+from configs import vit_b16
+
+
+def get_config():
+  config = vit_b16.get_config()
+  config.model.variant = 'H/14'
+  return config

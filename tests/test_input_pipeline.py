@@ -1,0 +1,116 @@
+"""The bundled digits builder and the input pipeline's order, slicing and eval coverage."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from vit_jax import input_pipeline
+from vit_jax.datasets import sklearn_digits
+from vit_jax.errors import UsageError
+
+
+def test_digits_builder_splits_and_content(tiny_config):
+  train = input_pipeline.open_split(tiny_config.dataset, 'train')
+  test = input_pipeline.open_split(tiny_config.dataset, 'test')
+  assert (len(train), len(test)) == (sklearn_digits.NUM_TRAIN_EXAMPLES, sklearn_digits.NUM_TEST_EXAMPLES)
+  assert test.class_names == [str(d) for d in range(10)]
+  # The test split holds exactly the images with index % 5 == 0, scaled to 0..255.
+  import tensorflow as tf
+  digits = load_digits()
+  expected = {(np.round(digits.images[i] * 255 / 16).astype(np.uint8).tobytes(), int(digits.target[i]))
+              for i in range(0, 1797, 5)}
+  got = {(tf.io.decode_png(r['image']).numpy()[..., 0].tobytes(), int(r['label']))
+         for r in test.source.__getitems__(list(range(len(test))))}
+  assert got == expected
+
+
+def _eval_labels_and_masks(config, split, process_count):
+  per_process = []
+  for index in range(process_count):
+    batches = list(input_pipeline.eval_iterator(config, split, index, process_count))
+    per_process.append(batches)
+  num_batches = {len(b) for b in per_process}
+  assert len(num_batches) == 1, 'every process must run the same number of eval steps'
+  return per_process
+
+
+@pytest.mark.parametrize('eval_batch_size,process_count', [(64, 1), (64, 2), (100, 2), (7, 1), (360, 2), (512, 4)])
+def test_eval_visits_every_example_exactly_once(tiny_config, eval_batch_size, process_count):
+  tiny_config.eval_batch_size = eval_batch_size
+  if eval_batch_size % process_count:
+    pytest.skip('batch must split over processes')
+  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  per_process = _eval_labels_and_masks(tiny_config, split, process_count)
+  masks = np.concatenate([b['mask'] for batches in per_process for b in batches])
+  assert masks.sum() == len(split) == 360
+  # Reassemble global batches in process order: real examples are the first N positions.
+  labels, mask = [], []
+  for step in range(len(per_process[0])):
+    labels.append(np.concatenate([p[step]['label'] for p in per_process]))
+    mask.append(np.concatenate([p[step]['mask'] for p in per_process]))
+  labels, mask = np.concatenate(labels), np.concatenate(mask)
+  assert mask[:360].all() and not mask[360:].any()
+  all_labels = np.array([r['label'] for r in split.source.__getitems__(list(range(360)))])
+  np.testing.assert_array_equal(labels[:360], all_labels)
+
+
+def test_train_batch_independent_of_process_count(tiny_config):
+  split = input_pipeline.open_split(tiny_config.dataset, 'train')
+  tiny_config.batch_size = 32
+  one = input_pipeline.train_iterator(tiny_config, split, start_step=0)
+  two = [input_pipeline.train_iterator(tiny_config, split, 0, i, 2) for i in range(2)]
+  for _ in range(3):
+    whole = next(one)
+    halves = [next(it) for it in two]
+    np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), whole['image'])
+    np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), whole['label'])
+
+
+def test_train_positions_are_disjoint_and_cover_each_epoch():
+  n, batch = 50, 8
+  seen = []
+  for process in range(2):
+    it = input_pipeline.train_positions(n, batch, seed=3, start_step=0, process_index=process, process_count=2)
+    seen.append([next(it) for _ in range(25)])  # 25 steps * 8 = 200 = 4 epochs
+  for step in range(25):
+    assert not set(seen[0][step][1]) & set(seen[1][step][1])
+  records = np.concatenate([np.concatenate([seen[0][s][0], seen[1][s][0]]) for s in range(25)])
+  for epoch in range(4):
+    assert sorted(records[epoch * n:(epoch + 1) * n]) == list(range(n))
+
+
+def test_train_order_is_seeded_and_resumable(tiny_config):
+  split = input_pipeline.open_split(tiny_config.dataset, 'train')
+  first = input_pipeline.train_iterator(tiny_config, split, start_step=0)
+  batches = [next(first) for _ in range(4)]
+  resumed = input_pipeline.train_iterator(tiny_config, split, start_step=2)
+  np.testing.assert_array_equal(next(resumed)['image'], batches[2]['image'])
+  tiny_config.seed = 1
+  other = input_pipeline.train_iterator(tiny_config, split, start_step=0)
+  assert not np.array_equal(next(other)['label'], batches[0]['label'])
+
+
+def test_train_images_have_model_shape_and_range(tiny_config):
+  split = input_pipeline.open_split(tiny_config.dataset, 'train')
+  tiny_config.input.image_size = 16
+  tiny_config.input.train_crop = 'random_resized'
+  tiny_config.input.crop_min_area = 0.3
+  batch = next(input_pipeline.train_iterator(tiny_config, split, 0))
+  assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  assert batch['label'].dtype == np.int32 and batch['label'].max() < 10
+
+
+def test_missing_dataset_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.dataset.name = 'cifar10'
+  tiny_config.dataset.data_dir = str(tmp_path)
+  with pytest.raises(UsageError, match=f"'cifar10' is not prepared in {tmp_path}.*tfds build cifar10"):
+    input_pipeline.open_split(tiny_config.dataset, 'train')
+  tiny_config.dataset.name = 'no_such_dataset_xyz'
+  with pytest.raises(UsageError, match='Unknown dataset'):
+    input_pipeline.open_split(tiny_config.dataset, 'train')
+
+
+def test_batch_not_divisible_by_processes_is_an_error():
+  with pytest.raises(UsageError, match='not divisible by the 3 processes'):
+    input_pipeline.local_batch_size(32, 3)

@@ -1,0 +1,1 @@
+"""tfds builders shipped with vit_jax (prepared offline, no download)."""

@@ -1,0 +1,82 @@
+"""Model sizes of the ViT family, in one table, and `create_model`.
+
+A variant is written `SIZE/PATCH`, e.g. "B/16": the size row below with a
+patch size of 16 pixels. Sizes are those of Table 1 of Dosovitskiy et al.
+(Ti and S from DeiT / "How to train your ViT"), plus `tiny` for tests.
+"""
+
+from typing import Any
+
+from vit_jax.models.vit import VisionTransformer
+
+# size: (hidden_size, num_layers, mlp_dim, num_heads)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    'tiny': (32, 2, 64, 2),  # For tests: compiles in a second.
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'B/16' -> dict(hidden_size=768, num_layers=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  size, sep, patch = variant.partition('/')
+  if not sep or size not in SIZES or not patch.isdigit() or int(patch) < 1:
+    raise ValueError(f'Unknown model variant {variant!r}: write SIZE/PATCH with SIZE one of '
+                     f'{", ".join(SIZES)} and PATCH a positive integer, e.g. "B/16".')
+  hidden_size, num_layers, mlp_dim, num_heads = SIZES[size]
+  return dict(hidden_size=hidden_size, num_layers=num_layers, mlp_dim=mlp_dim,
+              num_heads=num_heads, patch_size=int(patch))
+
+
+def create_model(variant: str, num_classes: int, **options: Any) -> VisionTransformer:
+  """Returns the Flax ViT for `variant` (e.g. "B/16") with a `num_classes` head.
+
+  `options` are `VisionTransformer` fields (pool, posemb, dropout_rate, dtype,
+  ...); `hidden_size`, `num_layers`, `mlp_dim`, `num_heads` given there (and not
+  None) override the variant's, which is how depth/width ablations are written.
+  """
+  fields = parse_variant(variant)
+  for key, value in options.items():
+    if value is not None or key not in fields:
+      fields[key] = value
+  return VisionTransformer(num_classes=num_classes, **fields)
+
+
+def model_from_config(config) -> VisionTransformer:
+  """The model that `config.model` and `config.dataset.num_classes` describe.
+
+  Checks the image size against the patch size first, so that a bad pair fails
+  with a clear message before anything is compiled.
+  """
+  import jax.numpy as jnp  # Local: keeps this table importable without touching devices.
+  from vit_jax.errors import UsageError
+
+  m = config.model
+  try:
+    fields = parse_variant(m.variant)
+  except ValueError as e:
+    raise UsageError(f'config.model.variant: {e}') from None
+  size = config.input.image_size
+  if size % fields['patch_size']:
+    raise UsageError(f'config.input.image_size={size} is not divisible by the patch size '
+                     f'{fields["patch_size"]} of {m.variant!r}; use a multiple of {fields["patch_size"]}.')
+  if m.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise UsageError(f"config.model.dtype={m.dtype!r}; use 'float32', 'bfloat16' or 'float16'.")
+  checks = {'pool': ('token', 'gap'), 'posemb': ('learn', 'sincos2d', 'none'),
+            'attention': ('fused', 'reference')}
+  for key, valid in checks.items():
+    if m[key] not in valid:
+      raise UsageError(f'config.model.{key}={m[key]!r}; use one of {", ".join(valid)}.')
+  model = create_model(
+      m.variant, config.dataset.num_classes, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      mlp_dim=m.mlp_dim, num_heads=m.num_heads, pool=m.pool, posemb=m.posemb,
+      representation_size=m.representation_size, dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
+      dtype=jnp.dtype(m.dtype), attention=m.attention)
+  if model.hidden_size % model.num_heads:
+    raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
+                     f'{model.num_heads}; change config.model.hidden_size or num_heads.')
+  return model
