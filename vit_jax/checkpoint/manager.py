@@ -1,4 +1,4 @@
-"""Checkpoints: the orbax manager that saves the train state and resumes it."""
+"""The orbax checkpoint manager: save the train state, resume from the latest."""
 
 import os
 from typing import Any, Optional
