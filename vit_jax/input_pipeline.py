@@ -131,6 +131,15 @@ def _eval_preprocess(config: ml_collections.ConfigDict):
   return fn
 
 
+def eval_preprocess_fn(config: ml_collections.ConfigDict):
+  """Returns fn(encoded) -> image: the evaluation preprocessing of one encoded image.
+
+  For inference on image files (vit_jax.predict): exactly what eval batches get.
+  """
+  fn = _eval_preprocess(config)
+  return lambda encoded: fn(encoded, 0, 1.0)[0]
+
+
 def local_batch_size(global_batch: int, process_count: int) -> int:
   """This process's share of a global batch; raises if it does not divide."""
   if global_batch % process_count:
