@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_classes = 10  # Size of the classifier head.
   config.dataset.image_key = 'image'  # Feature holding the encoded image.
   config.dataset.label_key = 'label'  # Feature holding the integer label.
+  config.dataset.manual_dir = ''  # Manually downloaded files (e.g. imagenet2012's tars): an unprepared dataset is prepared from them at start.
+  config.dataset.folder = ''  # With name='image_folder': a folder of class sub-folders (optionally split into train/, test/).
+  config.dataset.test_fraction = 0.1  # Image folder without train/: fraction of each class held out as 'test' (fixed split).
 
   config.input = ml_collections.ConfigDict()
   config.input.image_size = 8  # Side of the square images fed to the model.
@@ -38,8 +41,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_padding = 1  # Pixels of zero padding for 'pad_random'.
   config.input.flip = True  # Random horizontal flips in training.
   config.input.eval_crop_fraction = 1.0  # Eval: resize so that the central crop of this fraction has image_size.
+  config.input.normalization = 'value_range'  # 'value_range' (below) or 'mean_std' (per-channel (x/255 - mean) / std).
   config.input.value_range = (-1.0, 1.0)  # Pixel values are mapped to this range, as the published models expect.
+  config.input.mean = (0.485, 0.456, 0.406)  # 'mean_std': channel means, in 0..1 units (ImageNet's).
+  config.input.std = (0.229, 0.224, 0.225)  # 'mean_std': channel standard deviations, in 0..1 units (ImageNet's).
+  config.input.randaugment = ml_collections.ConfigDict()
+  config.input.randaugment.num_layers = 0  # RandAugment operations per training image; 0 disables RandAugment.
+  config.input.randaugment.magnitude = 10  # RandAugment strength, 0..10 (10 strongest).
+  config.input.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha) of neighbouring examples; 0 disables. Labels become soft.
+  config.input.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha) of neighbouring examples; 0 disables. Labels become soft.
+  config.input.cutmix_prob = 0.5  # With both mixup and CutMix on: probability that a pair uses CutMix.
   config.input.prefetch = 2  # Batches prepared ahead of the accelerator.
+  config.input.threads = 0  # tf.data threads that decode and augment; 0 means one per CPU core (tf.data's default).
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = 'tiny/2'  # SIZE/PATCH from vit_jax.models.SIZES, e.g. 'B/16'.

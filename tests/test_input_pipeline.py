@@ -114,3 +114,65 @@ def test_missing_dataset_is_a_clear_error(tiny_config, tmp_path):
 def test_batch_not_divisible_by_processes_is_an_error():
   with pytest.raises(UsageError, match='not divisible by the 3 processes'):
     input_pipeline.local_batch_size(32, 3)
+
+
+def test_dataset_presets_agree_with_the_tfds_catalog(tmp_path):
+  """Each preset names a tfds dataset whose label feature has the preset's class count."""
+  import tensorflow_datasets as tfds
+  from configs import base, datasets
+  for name, preset in datasets.PRESETS.items():
+    builder = tfds.builder(preset.tfds_name, data_dir=str(tmp_path))
+    assert builder.info.features['label'].num_classes == preset.num_classes, name
+    assert 'image' in builder.info.features, name
+    config = datasets.apply(base.get_config(), name)
+    assert (config.dataset.name, config.dataset.num_classes) == (preset.tfds_name, preset.num_classes)
+  with pytest.raises(ValueError, match='Unknown dataset preset'):
+    datasets.apply(base.get_config(), 'imagenet')
+
+
+def test_split_strings_combine_and_slice(tiny_config):
+  both = input_pipeline.open_split(tiny_config.dataset, 'train+test')
+  part = input_pipeline.open_split(tiny_config.dataset, 'train[:10%]')
+  assert (len(both), len(part)) == (1797, 144)
+
+
+class ManualToyDigits(sklearn_digits.SklearnDigits):
+  """The digits, but prepared from a 'manually downloaded' file (tests tfds manual_dir)."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'Place digits.txt in manual_dir.'
+
+  def _split_generators(self, dl_manager):
+    assert (dl_manager.manual_dir / 'digits.txt').exists(), 'digits.txt missing from manual_dir'
+    return super()._split_generators(dl_manager)
+
+
+def test_manual_dir_prepares_a_manual_dataset(tiny_config, tmp_path):
+  tiny_config.dataset.name = 'manual_toy_digits'
+  tiny_config.dataset.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(UsageError, match='from its manually downloaded files.*config.dataset.manual_dir'):
+    input_pipeline.open_split(tiny_config.dataset, 'test')
+  tiny_config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
+  with pytest.raises(UsageError, match='is not a directory'):
+    input_pipeline.open_split(tiny_config.dataset, 'test')
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  tiny_config.dataset.manual_dir = str(manual)
+  with pytest.raises(UsageError, match='Preparing .* failed: Manual directory .* is empty'):
+    input_pipeline.open_split(tiny_config.dataset, 'test')
+  (manual / 'digits.txt').write_text('here')
+  assert len(input_pipeline.open_split(tiny_config.dataset, 'test')) == 360
+
+
+def test_mean_std_normalization_and_bad_keys(tiny_config):
+  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  tiny_config.input.normalization = 'mean_std'
+  tiny_config.input.mean = (0.5, 0.5, 0.5)
+  tiny_config.input.std = (0.25, 0.25, 0.25)
+  image = next(input_pipeline.eval_iterator(tiny_config, split))['image']
+  assert image.min() >= -2.0 - 1e-6 and image.max() <= 2.0 + 1e-6 and image.min() < -1.5
+  tiny_config.input.normalization = 'imagenet'
+  with pytest.raises(UsageError, match="normalization 'imagenet'"):
+    input_pipeline.eval_iterator(tiny_config, split)
+  tiny_config.input.normalization = 'value_range'
+  tiny_config.input.randaugment.magnitude = 12
+  with pytest.raises(UsageError, match='magnitude in 0..10'):
+    input_pipeline.train_iterator(tiny_config, split, 0)

@@ -16,6 +16,7 @@ This module knows nothing of devices; it only needs the process index/count.
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterator
 
 import ml_collections
@@ -23,12 +24,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import preprocess
+from vit_jax import augment, preprocess
+from vit_jax.datasets import image_folder
 from vit_jax.datasets.sklearn_digits import SklearnDigits
 from vit_jax.errors import UsageError
 
 # Builders that vit_jax ships and prepares offline on first use.
 SHIPPED_BUILDERS = {'sklearn_digits': SklearnDigits}
+# config.dataset.name of the user's own images (config.dataset.folder).
+IMAGE_FOLDER = 'image_folder'
 
 Batch = dict[str, np.ndarray]
 
@@ -44,12 +48,17 @@ class Split:
     return len(self.source)
 
 
-def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder:
+def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder | None:
   """Returns the prepared tfds builder for `dataset.name`, or raises UsageError.
 
-  Shipped builders are prepared (offline, seconds) when `prepare` is set.
+  Shipped builders are prepared (offline, seconds) when `prepare` is set, and
+  so is a dataset with `dataset.manual_dir`. An image folder has no builder:
+  it is indexed (and checked) instead, and None is returned.
   """
   name, data_dir = dataset.name, dataset.data_dir or None
+  if name == IMAGE_FOLDER:
+    image_folder.index_folder(dataset.folder, dataset.test_fraction)
+    return None
   if name in SHIPPED_BUILDERS:
     builder = SHIPPED_BUILDERS[name](data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared() and prepare:
@@ -61,11 +70,17 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
     raise UsageError(f"Unknown dataset {name!r}: it is neither a tfds dataset nor shipped with "
                      f"vit_jax ({', '.join(SHIPPED_BUILDERS)}). Check config.dataset.name.") from None
   searched = data_dir or tfds.core.constants.DATA_DIR
+  if not builder.is_prepared() and dataset.manual_dir and prepare:
+    _prepare_from_manual_dir(name, data_dir, dataset.manual_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
+    manual = (' from its manually downloaded files (set config.dataset.manual_dir to their folder '
+              'to prepare it at start, or add --manual_dir=DIR to the command)'
+              if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
     raise UsageError(
-        f"Dataset {name!r} is not prepared in {searched}. Prepare it there (with network, or "
-        f"manual files for datasets like imagenet2012): `tfds build {name} --data_dir={searched} "
-        "--file_format=array_record`, or point config.dataset.data_dir at a prepared copy.")
+        f"Dataset {name!r} is not prepared in {searched}. Prepare it there{manual}: `tfds build {name} "
+        f"--data_dir={searched} --file_format=array_record`, or point config.dataset.data_dir at a "
+        "prepared copy.")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise UsageError(
         f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, "
@@ -74,8 +89,30 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
   return builder
 
 
+def _prepare_from_manual_dir(name: str, data_dir: str | None, manual_dir: str) -> None:
+  """Prepares a tfds dataset in array_record format from manually downloaded files."""
+  if not os.path.isdir(manual_dir):
+    raise UsageError(f'config.dataset.manual_dir={manual_dir!r} is not a directory; point it at the '
+                     f'folder holding the manual files of {name!r}.')
+  print(f'Preparing {name!r} from the manual files in {manual_dir} (once; large datasets take hours).',
+        flush=True)
+  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # tfds raises assorted types; the user needs the message, on one line.
+    raise UsageError(f'Preparing {name!r} from manual_dir {manual_dir} failed: '
+                     f'{" ".join(str(e).split())[:400]}') from e
+
+
 def open_split(dataset: ml_collections.ConfigDict, split: str) -> Split:
-  """Opens one split of the configured dataset for random access."""
+  """Opens one split of the configured dataset (tfds or image folder) for random access."""
+  if dataset.name == IMAGE_FOLDER:
+    source, names = image_folder.open_split(dataset.folder, split, dataset.test_fraction)
+    _check_num_classes(dataset, len(names))
+    if len(source) == 0:
+      raise UsageError(f'Split {split!r} of image folder {dataset.folder!r} is empty (no readable '
+                       'images); add images or change config.dataset.test_fraction.')
+    return Split(source, dataset.num_classes, names)
   builder = get_builder(dataset)
   features = builder.info.features
   for key in (dataset.image_key, dataset.label_key):
@@ -88,56 +125,97 @@ def open_split(dataset: ml_collections.ConfigDict, split: str) -> Split:
     raise UsageError(f'Bad split {split!r} for dataset {dataset.name!r} (splits: '
                      f'{", ".join(builder.info.splits)}): {e}') from None
   label = features[dataset.label_key]
-  num_classes = getattr(label, 'num_classes', None)
-  if num_classes is not None and num_classes != dataset.num_classes:
-    raise UsageError(f'Dataset {dataset.name!r} has {num_classes} classes but '
-                     f'config.dataset.num_classes={dataset.num_classes}; set it to {num_classes}.')
+  if getattr(label, 'num_classes', None) is not None:
+    _check_num_classes(dataset, label.num_classes)
   if len(source) == 0:
     raise UsageError(f'Split {split!r} of dataset {dataset.name!r} is empty.')
   return Split(source, dataset.num_classes, getattr(label, 'names', None))
 
 
+def _check_num_classes(dataset: ml_collections.ConfigDict, num_classes: int) -> None:
+  if num_classes != dataset.num_classes:
+    raise UsageError(f'Dataset {dataset.name!r} has {num_classes} classes but '
+                     f'config.dataset.num_classes={dataset.num_classes}; set it to {num_classes}.')
+
+
+def _normalize(image: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+  """Pixels 0..255 to the model's input values, as config.input.normalization says."""
+  if cfg.normalization == 'value_range':
+    return preprocess.value_range(image, *cfg.value_range)
+  if cfg.normalization == 'mean_std':
+    return preprocess.normalize(image, cfg.mean, cfg.std)
+  raise UsageError(f"Unknown config.input.normalization {cfg.normalization!r}; use 'value_range' "
+                   "([-1, 1] for the published ViT models) or 'mean_std'.")
+
+
+def mixing(config: ml_collections.ConfigDict) -> bool:
+  """Whether training batches are mixed (mixup/CutMix), which makes their labels soft."""
+  return config.input.mixup_alpha > 0 or config.input.cutmix_alpha > 0
+
+
 def _train_preprocess(config: ml_collections.ConfigDict):
-  """Returns fn(encoded, label, seed) -> (image, label) for training."""
+  """Returns fn(encoded, label, seed) -> (image, label[, mix params]) for training."""
   cfg = config.input
+  crops = {
+      'random_resized': lambda image, seed: preprocess.random_resized_crop(
+          image, seed, cfg.image_size, cfg.crop_min_area),
+      'pad_random': lambda image, seed: preprocess.pad_random_crop(image, seed, cfg.image_size, cfg.crop_padding),
+      'resize': lambda image, seed: preprocess.resize(image, cfg.image_size),
+  }
+  if cfg.train_crop not in crops:
+    raise UsageError(f"Unknown config.input.train_crop {cfg.train_crop!r}; use "
+                     "'random_resized', 'pad_random' or 'resize'.")
+  randaugment = cfg.randaugment
+  if randaugment.num_layers < 0 or not 0 <= randaugment.magnitude <= augment.MAX_MAGNITUDE:
+    raise UsageError(f'config.input.randaugment num_layers={randaugment.num_layers}, magnitude='
+                     f'{randaugment.magnitude}: use num_layers >= 0 (0 disables) and magnitude in 0..10.')
 
   def fn(encoded, label, seed):
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    image = preprocess.decode(encoded)
-    if cfg.train_crop == 'random_resized':
-      image = preprocess.random_resized_crop(image, seeds[0], cfg.image_size, cfg.crop_min_area)
-    elif cfg.train_crop == 'pad_random':
-      image = preprocess.pad_random_crop(image, seeds[0], cfg.image_size, cfg.crop_padding)
-    elif cfg.train_crop == 'resize':
-      image = preprocess.resize(image, cfg.image_size)
-    else:
-      raise UsageError(f"Unknown config.input.train_crop {cfg.train_crop!r}; use "
-                       "'random_resized', 'pad_random' or 'resize'.")
+    # One stream per random step, so enabling one augmentation does not change the others.
+    crop_seed, flip_seed, randaugment_seed, mix_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4))
+    image = crops[cfg.train_crop](preprocess.decode(encoded), crop_seed)
     if cfg.flip:
-      image = preprocess.random_flip(image, seeds[1])
-    return preprocess.value_range(image, *cfg.value_range), tf.cast(label, tf.int32)
+      image = preprocess.random_flip(image, flip_seed)
+    if randaugment.num_layers:
+      image = augment.randaugment(image, randaugment_seed, randaugment.num_layers, randaugment.magnitude)
+    outputs = (_normalize(image, cfg), tf.cast(label, tf.int32))
+    if mixing(config):
+      outputs += (augment.mix_params(mix_seed, cfg.mixup_alpha, cfg.cutmix_alpha),)
+    return outputs
+
+  return fn
+
+
+def eval_preprocess_fn(config: ml_collections.ConfigDict):
+  """Returns fn(encoded image bytes) -> float32 (image_size, image_size, 3) model input.
+
+  Evaluation's deterministic preprocessing: decode, resize the short side,
+  central crop, normalize; vit_jax.predict applies it to image files, so they
+  get exactly what eval batches get.
+  """
+  cfg = config.input
+
+  def fn(encoded):
+    image = preprocess.central_crop(preprocess.decode(encoded), cfg.image_size, cfg.eval_crop_fraction)
+    return _normalize(image, cfg)
 
   return fn
 
 
 def _eval_preprocess(config: ml_collections.ConfigDict):
   """Returns fn(encoded, label, mask) -> (image, label, mask) for evaluation."""
-  cfg = config.input
-
-  def fn(encoded, label, mask):
-    image = preprocess.central_crop(preprocess.decode(encoded), cfg.image_size, cfg.eval_crop_fraction)
-    return preprocess.value_range(image, *cfg.value_range), tf.cast(label, tf.int32), mask
-
-  return fn
+  image_fn = eval_preprocess_fn(config)
+  return lambda encoded, label, mask: (image_fn(encoded), tf.cast(label, tf.int32), mask)
 
 
-def eval_preprocess_fn(config: ml_collections.ConfigDict):
-  """Returns fn(encoded) -> image: the evaluation preprocessing of one encoded image.
-
-  For inference on image files (vit_jax.predict): exactly what eval batches get.
-  """
-  fn = _eval_preprocess(config)
-  return lambda encoded: fn(encoded, 0, 1.0)[0]
+def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
+  """tf.data threading: config.input.threads > 0 caps the pool that decodes and augments."""
+  options = tf.data.Options()
+  if config.input.threads > 0:
+    options.threading.private_threadpool_size = config.input.threads
+  options.threading.max_intra_op_parallelism = 1  # Parallel over examples, not inside one op.
+  return options
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -175,8 +253,16 @@ def _read(split: Split, indices, dataset: ml_collections.ConfigDict):
 
 def train_iterator(config: ml_collections.ConfigDict, split: Split, start_step: int,
                    process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """Endless numpy batches {'image', 'label'} of this process, starting at `start_step`."""
+  """Endless numpy batches {'image', 'label'} of this process, starting at `start_step`.
+
+  Labels are int32 (batch,), or float32 (batch, num_classes) soft labels when
+  mixup or CutMix is on (see `mixing`).
+  """
   per_process = local_batch_size(config.batch_size, process_count)
+  cfg = config.input
+  if mixing(config) and per_process % 2:
+    raise UsageError(f'Mixup/CutMix pairs neighbouring examples, so the per-process batch must be even; '
+                     f'batch_size={config.batch_size} over {process_count} processes gives {per_process}.')
 
   def batches():  # One Python call per batch; tf.data does the per-example work.
     for indices, positions in train_positions(len(split), config.batch_size, config.seed,
@@ -189,9 +275,14 @@ def train_iterator(config: ml_collections.ConfigDict, split: Split, start_step: 
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None, 2), tf.int64))).unbatch()
   ds = ds.map(_train_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(per_process, drop_remainder=True).prefetch(config.input.prefetch)
-  for image, label in ds.as_numpy_iterator():
-    yield {'image': image, 'label': label}
+  ds = ds.batch(per_process, drop_remainder=True)
+  if mixing(config):
+    ds = ds.map(lambda images, labels, params: augment.mix_pairs(
+        images, labels, params, config.dataset.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha,
+        cfg.cutmix_prob), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(cfg.prefetch).with_options(_options(config))
+  # Built eagerly (not a generator function) so that config errors surface at this call.
+  return ({'image': image, 'label': label} for image, label in ds.as_numpy_iterator())
 
 
 def num_eval_batches(num_records: int, global_batch: int) -> int:
@@ -221,6 +312,5 @@ def eval_iterator(config: ml_collections.ConfigDict, split: Split, process_index
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None,), tf.float32))).unbatch()
   ds = ds.map(_eval_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(per_process).prefetch(config.input.prefetch)
-  for image, label, mask in ds.as_numpy_iterator():
-    yield {'image': image, 'label': label, 'mask': mask}
+  ds = ds.batch(per_process).prefetch(config.input.prefetch).with_options(_options(config))
+  return ({'image': image, 'label': label, 'mask': mask} for image, label, mask in ds.as_numpy_iterator())

@@ -61,3 +61,14 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def value_range(image: tf.Tensor, low: float, high: float) -> tf.Tensor:
   """Maps pixel values 0..255 linearly to low..high (float32)."""
   return tf.cast(image, tf.float32) * ((high - low) / 255.0) + low
+
+
+def normalize(image: tf.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tf.Tensor:
+  """Maps pixel values 0..255 to (value / 255 - mean) / std per channel (float32).
+
+  `mean` and `std` are in 0..1 units, e.g. ImageNet's (0.485, 0.456, 0.406) and
+  (0.229, 0.224, 0.225).
+  """
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+  return (tf.cast(image, tf.float32) / 255.0 - mean) / std

@@ -40,10 +40,14 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  """Per-example softmax cross-entropy against (optionally smoothed) labels.
+
+  `labels` are integer classes (batch,) or soft targets (batch, classes), as
+  mixup/CutMix batches carry.
+  """
   num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
-      jax.nn.one_hot(labels, num_classes)
+  targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
+  targets = optax.smooth_labels(targets, smoothing) if smoothing else targets
   return optax.softmax_cross_entropy(logits, targets)
 
 
