@@ -1,12 +1,16 @@
-"""tfds -> tf.data -> numpy batches of this process's share of the global batch.
+"""tfds or image folder -> tf.data -> numpy batches of this process's share of the global batch.
 
-Data is read by random access (tfds data sources in `array_record` format), so
+Data is read by random access (tfds data sources in `array_record` format, or
+`datasets.image_folder.ImageFolderSource` with the same interface), so
 the global batch of step `s` is a pure function of (seed, s): example position
 `p = s * batch_size + j` maps to record `perm(seed, p // N)[p % N]` of an
 N-record split, and its augmentation is seeded by (seed, p). A process reads
 and decodes only its own contiguous slice of each global batch. The result does
 not depend on the number of processes or devices, and resuming at step `s`
-reproduces exactly the data an uninterrupted run would have seen.
+reproduces exactly the data an uninterrupted run would have seen. Images stay
+encoded until the per-example tf.data map decodes and augments them
+(preprocess, augment); mixup/CutMix then mix neighbouring positions 2k, 2k+1,
+which always lie in the same process.
 
 Evaluation visits each record once, in order; the last global batch is padded
 with copies of record 0 whose `mask` is 0.
