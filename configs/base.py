@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_layers = ml_collections.FieldReference(None, field_type=int)  # Overrides the variant's depth.
   config.model.mlp_dim = ml_collections.FieldReference(None, field_type=int)  # Overrides the variant's MLP width.
   config.model.num_heads = ml_collections.FieldReference(None, field_type=int)  # Overrides the variant's heads.
-  config.model.pool = 'token'  # 'token' (class token) or 'gap' (mean of patch tokens).
+  config.model.pool = 'token'  # 'token' (class token), 'gap' (mean of patch tokens) or 'map' (attention-pooling head).
   config.model.posemb = 'learn'  # 'learn', 'sincos2d' or 'none'.
   config.model.representation_size = ml_collections.FieldReference(None, field_type=int)  # Pre-logits layer width; None for none.
   config.model.dropout_rate = 0.0  # Dropout after attention, in the MLP and on embeddings.
@@ -68,6 +68,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stochastic_depth = 0.0  # Drop-path rate of the last block (linear from 0 at the first).
   config.model.dtype = 'float32'  # Computation dtype ('float32' or 'bfloat16'); parameters stay float32.
   config.model.attention = 'fused'  # 'fused' (jax.nn.dot_product_attention) or 'reference' (explicit softmax).
+  config.model.num_registers = 0  # Learned register tokens after the class token (Darcet et al. 2023); 0 for none.
+  config.model.qk_norm = False  # LayerNorm on queries and keys per head before the dot product (ViT-22B).
+  config.model.layerscale = ml_collections.FieldReference(None, field_type=float)  # Initial LayerScale of residual branches (e.g. 1e-4); None for none.
+  config.model.remat = False  # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+  config.model.scan = False  # One nn.scan over the blocks: compile time independent of depth (params stacked per layer).
+
+  # Fine-tuning: start from pretrained parameters instead of a random init (only
+  # when the workdir has no checkpoint yet; a later run resumes as usual).
+  config.init = ml_collections.ConfigDict()
+  config.init.path = ''  # '' (random init), a published-layout .npz, or an orbax workdir / checkpoint step directory.
+  config.init.reset_head = True  # Zero `head` for config.dataset.num_classes; False loads it (shapes must match).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'  # 'adamw' or 'sgd' (with momentum).

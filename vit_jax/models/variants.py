@@ -2,7 +2,8 @@
 
 A variant is written `SIZE/PATCH`, e.g. "B/16": the size row below with a
 patch size of 16 pixels. Sizes are those of Table 1 of Dosovitskiy et al.
-(Ti and S from DeiT / "How to train your ViT"), plus `tiny` for tests.
+(Ti and S from DeiT / "How to train your ViT"; g and G from Table 2 of
+"Scaling Vision Transformers", Zhai et al. 2021), plus `tiny` for tests.
 """
 
 from typing import Any
@@ -17,6 +18,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     'B': (768, 12, 3072, 12),
     'L': (1024, 24, 4096, 16),
     'H': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16),
+    'G': (1664, 48, 8192, 16),
 }
 
 
@@ -65,17 +68,20 @@ def model_from_config(config) -> VisionTransformer:
                      f'{fields["patch_size"]} of {m.variant!r}; use a multiple of {fields["patch_size"]}.')
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     raise UsageError(f"config.model.dtype={m.dtype!r}; use 'float32', 'bfloat16' or 'float16'.")
-  checks = {'pool': ('token', 'gap'), 'posemb': ('learn', 'sincos2d', 'none'),
+  checks = {'pool': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d', 'none'),
             'attention': ('fused', 'reference')}
   for key, valid in checks.items():
     if m[key] not in valid:
       raise UsageError(f'config.model.{key}={m[key]!r}; use one of {", ".join(valid)}.')
+  if m.num_registers < 0:
+    raise UsageError(f'config.model.num_registers={m.num_registers} is negative; use 0 or more.')
   model = create_model(
       m.variant, config.dataset.num_classes, hidden_size=m.hidden_size, num_layers=m.num_layers,
       mlp_dim=m.mlp_dim, num_heads=m.num_heads, pool=m.pool, posemb=m.posemb,
       representation_size=m.representation_size, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
-      dtype=jnp.dtype(m.dtype), attention=m.attention)
+      dtype=jnp.dtype(m.dtype), attention=m.attention, num_registers=m.num_registers,
+      qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan)
   if model.hidden_size % model.num_heads:
     raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
                      f'{model.num_heads}; change config.model.hidden_size or num_heads.')

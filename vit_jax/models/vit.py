@@ -3,7 +3,14 @@
 Parameter names follow the published ViT checkpoints (`embedding`, `cls`,
 `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
 `Transformer/encoder_norm`, `pre_logits`, `head`) so that `.npz` files of the
-original release load without a renaming table.
+original release load without a renaming table. Additions use the names of the
+codebases that introduced them: `MAPHead_0` (big_vision), `registers`,
+`query_ln`/`key_ln` (flax's QK-normalisation), `layerscale_*/scale`.
+
+With `scan=True` the blocks are one `nn.scan` and their parameters are stacked
+under `Transformer/encoderblock` with a leading layer axis (big_vision's scan
+layout); `stack_blocks` / `unstack_blocks` convert between the two layouts, and
+the checkpoint code always reads and writes the per-block one.
 """
 
 from typing import Any, Optional
@@ -13,163 +20,82 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
+                                   MultiHeadDotProductAttention, drop_path, reference_attention,
+                                   sincos_2d_posemb)
+
+__all__ = ['Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
+           'sincos_2d_posemb', 'stack_blocks', 'unstack_blocks']
+
 Array = jax.Array
 DType = Any
-
-# Initialisers of the original release: Xavier-uniform kernels and tiny normal
-# biases in the encoder, zero head (so a fresh head starts at uniform logits).
-_kernel_init = nn.initializers.xavier_uniform()
-_bias_init = nn.initializers.normal(stddev=1e-6)
-
-
-def sincos_2d_posemb(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 2-D sine-cosine position embedding, (1, height * width, dim)."""
-  if dim % 4:
-    raise ValueError(f'sincos2d position embeddings need hidden_size divisible by 4, got {dim}.')
-  y, x = np.mgrid[:height, :width]
-  omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
-  y = y.reshape(-1)[:, None] * omega[None, :]
-  x = x.reshape(-1)[:, None] * omega[None, :]
-  emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-  return emb[None].astype(np.float32)
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds learned position embeddings (`pos_embedding`, shape (1, tokens, dim))."""
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    pos_embedding = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
-                               (1,) + x.shape[1:], jnp.float32)
-    return x + pos_embedding.astype(x.dtype)
-
-
-class MultiHeadDotProductAttention(nn.Module):
-  """Multi-head self-attention with the published parameter layout.
-
-  `query`/`key`/`value` kernels are (dim, heads, head_dim) and `out` is
-  (heads, head_dim, dim). Two paths compute the same function:
-  `fused` calls `jax.nn.dot_product_attention` (XLA or cuDNN fused kernels);
-  `reference` computes each head's softmax(q k^T / sqrt(d)) v explicitly and
-  can return the attention weights. The fused path is used unless weights are
-  asked for or attention dropout is active in training.
-  """
-
-  num_heads: int
-  dropout_rate: float = 0.0
-  dtype: DType = jnp.float32
-  implementation: str = 'fused'
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
-    dim = x.shape[-1]
-    if dim % self.num_heads:
-      raise ValueError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
-    head_dim = dim // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), dtype=self.dtype, kernel_init=_kernel_init,
-        bias_init=nn.initializers.zeros, name=name)
-    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)  # (batch, tokens, heads, head_dim)
-
-    use_dropout = train and self.dropout_rate > 0
-    weights = None
-    if self.implementation == 'fused' and not (return_weights or use_dropout):
-      y = jax.nn.dot_product_attention(q, k, v)
-    elif self.implementation in ('fused', 'reference'):
-      y, weights = reference_attention(q, k, v)
-      if use_dropout:
-        keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.dropout_rate, weights.shape)
-        dropped = jnp.where(keep, weights / (1 - self.dropout_rate), 0).astype(v.dtype)
-        y = jnp.einsum('bhqk,bkhd->bqhd', dropped, v)
-    else:
-      raise ValueError(f"Unknown attention implementation {self.implementation!r}; "
-                       "use 'fused' or 'reference'.")
-    out = nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, kernel_init=_kernel_init,
-                          bias_init=nn.initializers.zeros, name='out')(y)
-    return out, weights
-
-
-def reference_attention(q: Array, k: Array, v: Array):
-  """Textbook attention, one softmax per head. Returns (output, weights).
-
-  q, k, v: (batch, tokens, heads, head_dim); weights: (batch, heads, query, key).
-  The softmax runs in float32 whatever the compute dtype.
-  """
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
-  return out, weights
-
-
-class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout."""
-
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
-    dim = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_kernel_init, bias_init=_bias_init)(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(dim, dtype=self.dtype, kernel_init=_kernel_init, bias_init=_bias_init)(x)
-    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-
-
-def drop_path(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
-  """Stochastic depth: zero the residual branch of whole examples with prob `rate`."""
-  if not train or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+POOLS = ('token', 'gap', 'map')
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)).
+
+  `__call__(x, drop_path_rate, train, return_weights)` returns `(x, out)` with
+  `out = {'block': x, 'attention': weights or None}`: the `(carry, per-layer
+  output)` form that `nn.scan` needs, so the same block runs looped or scanned.
+  Arguments are positional so that `nn.remat` can mark the flags static.
+  """
 
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
+  use_drop_path: bool = False  # Static: whether the (possibly traced) drop-path rate applies.
   dtype: DType = jnp.float32
   attention: str = 'fused'
+  qk_norm: bool = False
+  layerscale: Optional[float] = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
+  def __call__(self, x: Array, drop_path_rate=0.0, train: bool = False, return_weights: bool = False):
+    def residual(branch, name):
+      if self.layerscale is not None:
+        branch = LayerScale(self.layerscale, name=f'layerscale_{name}')(branch)
+      if self.use_drop_path:
+        branch = drop_path(self, branch, drop_path_rate, train)
+      return branch
+
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        implementation=self.attention, name='MultiHeadDotProductAttention_1')(
+        implementation=self.attention, qk_norm=self.qk_norm, name='MultiHeadDotProductAttention_1')(
             y, train=train, return_weights=return_weights)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    x = x + drop_path(self, y, self.drop_path_rate, train)
+    x = x + residual(y, 'attention')
 
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, train=train)
-    return x + drop_path(self, y, self.drop_path_rate, train), weights
+    x = x + residual(y, 'mlp')
+    return x, {'block': x, 'attention': weights}
 
 
 class Encoder(nn.Module):
-  """Position embeddings, `num_layers` blocks and the final LayerNorm."""
+  """Position embeddings, register tokens, `num_layers` blocks and the final LayerNorm."""
 
   num_layers: int
   mlp_dim: int
   num_heads: int
   posemb: str = 'learn'
   grid: tuple[int, int] = (14, 14)
-  num_prefix_tokens: int = 1
+  num_prefix_tokens: int = 1  # Class token(s) in front of the patches; they get position embeddings.
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   dtype: DType = jnp.float32
   attention: str = 'fused'
+  qk_norm: bool = False
+  layerscale: Optional[float] = None
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
+  def __call__(self, x: Array, registers: Optional[Array] = None, *, train: bool,
+               return_weights: bool = False):
     if self.posemb == 'learn':
       x = AddPositionEmbs(name='posembed_input')(x)
     elif self.posemb == 'sincos2d':
@@ -179,19 +105,36 @@ class Encoder(nn.Module):
       x = x + jnp.asarray(emb, x.dtype)
     elif self.posemb != 'none':
       raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn', 'sincos2d' or 'none'.")
+    if registers is not None:
+      # Registers (Darcet et al. 2023) go after the class token and carry no
+      # position, so the published posemb shape is unchanged.
+      n = self.num_prefix_tokens
+      x = jnp.concatenate([x[:, :n], registers.astype(x.dtype), x[:, n:]], axis=1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
-    blocks, attention = [], []
-    for i in range(self.num_layers):
-      # Stochastic depth grows linearly with depth, from 0 to `stochastic_depth`.
-      rate = self.stochastic_depth * i / max(self.num_layers - 1, 1)
-      x, weights = Encoder1DBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-          dtype=self.dtype, attention=self.attention, name=f'encoderblock_{i}')(
-              x, train=train, return_weights=return_weights)
-      blocks.append(x)
-      attention.append(weights)
+    block = Encoder1DBlock
+    if self.remat:
+      # 0 = self, 1 = x, 2 = drop_path_rate, 3 = train, 4 = return_weights.
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3, 4))
+    options = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                   attention_dropout_rate=self.attention_dropout_rate,
+                   use_drop_path=self.stochastic_depth > 0, dtype=self.dtype,
+                   attention=self.attention, qk_norm=self.qk_norm, layerscale=self.layerscale)
+    # Stochastic depth grows linearly with depth, from 0 to `stochastic_depth`.
+    rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                        in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_layers)
+      x, out = scanned(name='encoderblock', **options)(
+          x, jnp.asarray(rates, jnp.float32), train, return_weights)
+      blocks = [out['block'][i] for i in range(self.num_layers)]
+      attention = [out['attention'][i] for i in range(self.num_layers)] if return_weights else None
+    else:
+      blocks, attention = [], []
+      for i in range(self.num_layers):
+        x, out = block(name=f'encoderblock_{i}', **options)(x, rates[i], train, return_weights)
+        blocks.append(out['block'])
+        attention.append(out['attention'])
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
     return x, {'blocks': blocks, 'attention': attention if return_weights else None}
 
@@ -202,7 +145,11 @@ class VisionTransformer(nn.Module):
   images: (batch, height, width, channels) floats in the model's value range.
   intermediates: `pre_logits` (batch, dim), `encoded` (batch, tokens, dim),
   `blocks` (each block's output) and, with `return_attention=True`,
-  `attention` (per block, (batch, heads, tokens, tokens)).
+  `attention` (per block, (batch, heads, tokens, tokens)) and, for
+  `pool='map'`, `map_attention` (batch, heads, 1, tokens), the probe's
+  attention over the encoded tokens. Tokens are ordered
+  [class token (pool 'token'), registers, patches in row-major order];
+  `num_prefix_tokens` says how many come before the patches.
   """
 
   num_classes: int
@@ -211,7 +158,7 @@ class VisionTransformer(nn.Module):
   num_layers: int
   mlp_dim: int
   num_heads: int
-  pool: str = 'token'
+  pool: str = 'token'  # 'token' (class token), 'gap' (mean of patch tokens) or 'map' (attention pooling).
   posemb: str = 'learn'
   representation_size: Optional[int] = None
   dropout_rate: float = 0.0
@@ -219,6 +166,16 @@ class VisionTransformer(nn.Module):
   stochastic_depth: float = 0.0
   dtype: DType = jnp.float32
   attention: str = 'fused'
+  num_registers: int = 0
+  qk_norm: bool = False
+  layerscale: Optional[float] = None  # Initial LayerScale value; None: no LayerScale.
+  remat: bool = False
+  scan: bool = False
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens in front of the patch tokens: the class token (pool 'token') and the registers."""
+    return int(self.pool == 'token') + self.num_registers
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, return_attention: bool = False):
@@ -227,30 +184,73 @@ class VisionTransformer(nn.Module):
     if height % p or width % p:
       raise ValueError(f'Image size {height}x{width} is not divisible by the patch size {p}; '
                        'choose an image size that is a multiple of the patch size.')
+    if self.pool not in POOLS:
+      raise ValueError(f"Unknown pool {self.pool!r}; use one of {', '.join(POOLS)}.")
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
                 dtype=self.dtype, name='embedding')(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)  # (batch, patches, dim)
 
-    if self.pool == 'token':
+    num_cls = int(self.pool == 'token')
+    if num_cls:
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
-    elif self.pool != 'gap':
-      raise ValueError(f"Unknown pool {self.pool!r}; use 'token' or 'gap'.")
-    num_prefix = 1 if self.pool == 'token' else 0
+    registers = None
+    if self.num_registers:
+      registers = self.param('registers', nn.initializers.normal(stddev=0.02),
+                             (1, self.num_registers, d), jnp.float32)
+      registers = jnp.tile(registers, (b, 1, 1))
 
     x, out = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        posemb=self.posemb, grid=(gh, gw), num_prefix_tokens=num_prefix,
+        posemb=self.posemb, grid=(gh, gw), num_prefix_tokens=num_cls,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=self.dtype, attention=self.attention,
-        name='Transformer')(x, train=train, return_weights=return_attention)
-    out['encoded'] = x
-    x = x[:, 0] if self.pool == 'token' else x.mean(axis=1)  # (batch, dim)
+        qk_norm=self.qk_norm, layerscale=self.layerscale, remat=self.remat, scan=self.scan,
+        name='Transformer')(x, registers, train=train, return_weights=return_attention)
+    out['encoded'] = x  # (batch, tokens, dim)
+
+    if self.pool == 'token':
+      x = x[:, 0]
+    elif self.pool == 'gap':
+      x = x[:, self.num_prefix_tokens:].mean(axis=1)  # Patches only: registers are not pooled.
+    else:
+      x, weights = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                           attention=self.attention, name='MAPHead_0')(
+                               x, train=train, return_weights=return_attention)
+      if return_attention:
+        out['map_attention'] = weights
 
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits')(x))
-    out['pre_logits'] = x
+    out['pre_logits'] = x  # (batch, dim)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                       name='head')(x)
     return logits.astype(jnp.float32), out
+
+
+def unstack_blocks(params: dict) -> dict:
+  """Scan layout -> per-block layout: `Transformer/encoderblock` (leading layer axis)
+  becomes `Transformer/encoderblock_{i}`. Other layouts are returned unchanged."""
+  transformer = params.get('Transformer', {})
+  if 'encoderblock' not in transformer:
+    return params
+  stacked = transformer['encoderblock']
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  new = {k: v for k, v in transformer.items() if k != 'encoderblock'}
+  for i in range(depth):
+    new[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, 'Transformer': new}
+
+
+def stack_blocks(params: dict) -> dict:
+  """Per-block layout -> scan layout (the inverse of `unstack_blocks`)."""
+  transformer = params.get('Transformer', {})
+  names = [k for k in transformer if k.startswith('encoderblock_')]
+  if not names:
+    return params
+  depth = len(names)
+  blocks = [transformer[f'encoderblock_{i}'] for i in range(depth)]
+  new = {k: v for k, v in transformer.items() if not k.startswith('encoderblock_')}
+  new['encoderblock'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+  return {**params, 'Transformer': new}

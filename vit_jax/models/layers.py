@@ -1,0 +1,177 @@
+"""Building blocks of the ViT: attention (two paths), MLP, MAP head, LayerScale, drop path.
+
+Parameter names follow the published checkpoints: attention projections are
+`query`/`key`/`value`/`out`, MLPs `Dense_0`/`Dense_1`, the attention-pooling
+head is big_vision's `MAPHead` (`probe`, `MultiHeadDotProductAttention_0`,
+`LayerNorm_0`, `MlpBlock_0`), QK-normalisation uses flax's `query_ln`/`key_ln`.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+# Initialisers of the original release: Xavier-uniform kernels and tiny normal
+# biases in the encoder, zero head (so a fresh head starts at uniform logits).
+kernel_init = nn.initializers.xavier_uniform()
+bias_init = nn.initializers.normal(stddev=1e-6)
+
+
+def sincos_2d_posemb(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, (1, height * width, dim)."""
+  if dim % 4:
+    raise ValueError(f'sincos2d position embeddings need hidden_size divisible by 4, got {dim}.')
+  y, x = np.mgrid[:height, :width]
+  omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+  y = y.reshape(-1)[:, None] * omega[None, :]
+  x = x.reshape(-1)[:, None] * omega[None, :]
+  emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return emb[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings (`pos_embedding`, shape (1, tokens, dim))."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pos_embedding = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                               (1,) + x.shape[1:], jnp.float32)
+    return x + pos_embedding.astype(x.dtype)
+
+
+def reference_attention(q: Array, k: Array, v: Array):
+  """Textbook attention, one softmax per head. Returns (output, weights).
+
+  q: (batch, queries, heads, head_dim); k, v: (batch, keys, heads, head_dim);
+  weights: (batch, heads, queries, keys). The softmax runs in float32 whatever
+  the compute dtype.
+  """
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+  return out, weights
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with the published parameter layout.
+
+  `query`/`key`/`value` kernels are (dim, heads, head_dim) and `out` is
+  (heads, head_dim, dim). Two paths compute the same function:
+  `fused` calls `jax.nn.dot_product_attention` (XLA or cuDNN fused kernels);
+  `reference` computes each head's softmax(q k^T / sqrt(d)) v explicitly and
+  can return the attention weights. The fused path is used unless weights are
+  asked for or attention dropout is active in training. With `qk_norm`, q and
+  k are layer-normalised per head before the dot product (ViT-22B).
+  """
+
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  implementation: str = 'fused'
+  qk_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, kv: Optional[Array] = None, *, train: bool,
+               return_weights: bool = False):
+    """Self-attention over `x`, or cross-attention from `x` to `kv`. Returns (out, weights)."""
+    kv = x if kv is None else kv
+    dim = kv.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'hidden_size {dim} is not divisible by num_heads {self.num_heads}.')
+    head_dim = dim // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, head_dim), dtype=self.dtype, kernel_init=kernel_init,
+        bias_init=nn.initializers.zeros, name=name)
+    q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # (batch, tokens, heads, head_dim)
+    if self.qk_norm:
+      q = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='query_ln')(q)
+      k = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='key_ln')(k)
+
+    use_dropout = train and self.dropout_rate > 0
+    weights = None
+    if self.implementation == 'fused' and not (return_weights or use_dropout):
+      y = jax.nn.dot_product_attention(q, k, v)
+    elif self.implementation in ('fused', 'reference'):
+      y, weights = reference_attention(q, k, v)
+      if use_dropout:
+        keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.dropout_rate, weights.shape)
+        dropped = jnp.where(keep, weights / (1 - self.dropout_rate), 0).astype(v.dtype)
+        y = jnp.einsum('bhqk,bkhd->bqhd', dropped, v)
+    else:
+      raise ValueError(f"Unknown attention implementation {self.implementation!r}; "
+                       "use 'fused' or 'reference'.")
+    out = nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, kernel_init=kernel_init,
+                          bias_init=nn.initializers.zeros, name='out')(y)
+    return out, weights
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    dim = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init)(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(dim, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init)(x)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class LayerScale(nn.Module):
+  """Per-channel learned scale of a residual branch (CaiT, DeiT III): `scale` (dim,)."""
+
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
+    return x * scale.astype(x.dtype)
+
+
+def drop_path(module: nn.Module, x: Array, rate, train: bool) -> Array:
+  """Stochastic depth: zero the residual branch of whole examples with prob `rate`.
+
+  `rate` may be a traced scalar (one per layer under `nn.scan`).
+  """
+  if not train:
+    return x
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (Scaling ViT; big_vision's `MAPHead` layout).
+
+  A learned `probe` query attends over all tokens; the result goes through a
+  residual MLP. Returns (pooled (batch, dim), weights (batch, heads, 1, tokens)
+  or None).
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dtype: DType = jnp.float32
+  attention: str = 'fused'
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
+    b, _, d = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    probe = jnp.tile(probe.astype(x.dtype), (b, 1, 1))
+    x, weights = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention,
+        name='MultiHeadDotProductAttention_0')(
+            probe, x, train=train, return_weights=return_weights)  # (batch, 1, dim)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y, train=train)
+    return x[:, 0], weights
