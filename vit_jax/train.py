@@ -134,6 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = checkpoint.restore_latest(manager, abstract_placed)
   if state is None:
     state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    # Fine-tuning hook: pretrained params from config.init.path (no-op when '').
+    state = checkpoint.init_from_pretrained(state, config)
     logging.info('Initialised a new train state.')
   else:
     print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)

@@ -238,8 +238,10 @@ def unstack_blocks(params: dict) -> dict:
   stacked = transformer['encoderblock']
   depth = jax.tree.leaves(stacked)[0].shape[0]
   new = {k: v for k, v in transformer.items() if k != 'encoderblock'}
+  def take(x, i):  # Shapes (jax.eval_shape templates) are split too.
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i]
   for i in range(depth):
-    new[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    new[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: take(x, i), stacked)
   return {**params, 'Transformer': new}
 
 
