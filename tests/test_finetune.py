@@ -62,3 +62,18 @@ def test_finetune_errors_are_usage_errors(tiny_config, tmp_path):
   tiny_config.init.path = str(tmp_path / 'gap.npz')
   with pytest.raises(UsageError, match=r'does not fit the model: 1 missing: cls'):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'run2'))
+
+
+@pytest.mark.parametrize('name,dataset,steps', [('cifar10', 'cifar10', 10_000), ('cifar100', 'cifar100', 10_000),
+                                                ('pets', 'oxford_iiit_pet', 500),
+                                                ('flowers102', 'oxford_flowers102', 500)])
+def test_finetune_configs_use_the_papers_setup(name, dataset, steps):
+  import importlib
+  config = importlib.import_module(f'configs.finetune_{name}').get_config()
+  config.lock()
+  assert config.dataset.name == dataset and config.total_steps == steps
+  assert (config.batch_size, config.input.image_size, config.model.variant) == (512, 384, 'B/16')
+  opt = config.optimizer
+  assert (opt.name, opt.momentum, opt.schedule, opt.weight_decay, opt.grad_clip_norm) == ('sgd', 0.9, 'cosine', 0.0, 1.0)
+  assert opt.learning_rate in (0.001, 0.003, 0.01, 0.03)
+  assert config.init.path.endswith('.npz') and config.init.reset_head

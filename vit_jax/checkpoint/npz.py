@@ -86,7 +86,7 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise UsageError(f'Checkpoint file {path!r} does not exist; give the path of a .npz file '
-                     '(original ViT/AugReg or big_vision layout).')
+                     '(original ViT/AugReg or big_vision layout), e.g. --config.init.path=PATH.')
   try:
     with np.load(path, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
