@@ -68,7 +68,8 @@ def summarize(variant: str, num_classes: int = 1000, image_size: int = 224, **op
   if image_size % model.patch_size:
     raise ValueError(f'--image_size {image_size} is not divisible by the patch size '
                      f'{model.patch_size} of {variant}; use a multiple of {model.patch_size}.')
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))['params']
+  images = jnp.zeros((1, image_size, image_size, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), images))['params']
   rows = count_by_module(params)
   total = sum(repeats * count for _, repeats, count in rows)
   grid = image_size // model.patch_size
@@ -93,7 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument('variant', help='SIZE/PATCH, e.g. B/16, g/14, tiny/4')
   parser.add_argument('--num_classes', type=int, default=1000, help='classifier head size (default 1000)')
   parser.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
-  parser.add_argument('--pool', default='token', choices=('token', 'gap', 'map'), help='pooling (default token)')
+  parser.add_argument('--pool', default='token', choices=('token', 'gap', 'map'),
+                      help='pooling (default token)')
   args = parser.parse_args(argv)
   try:
     print(summarize(args.variant, args.num_classes, args.image_size, pool=args.pool), flush=True)

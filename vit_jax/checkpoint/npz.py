@@ -35,7 +35,8 @@ from vit_jax.models.vit import stack_blocks, unstack_blocks
 Params = dict[str, Any]
 
 # big_vision's auto-named block children -> the original release's names.
-_BIG_VISION_BLOCK = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+_BIG_VISION_BLOCK = {'LayerNorm_0': 'LayerNorm_0',
+                     'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
                      'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
 _BLOCK_KEY = re.compile(r'^Transformer/encoderblock_(\d+)/([^/]+)/(.*)$')
 
@@ -107,9 +108,9 @@ def load_npz(path: str) -> Params:
     flat = {k[len('params/'):]: v for k, v in flat.items()}
   # A scanned checkpoint (stacked blocks) is split into per-block arrays first.
   flat = flatten_params(unstack_blocks(unflatten_params(flat)))
+  big_vision_children = ('MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_1')
   big_vision = 'pos_embedding' in flat or any(
-      (m := _BLOCK_KEY.match(k)) and m.group(2) in ('MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_1')
-      for k in flat)
+      (m := _BLOCK_KEY.match(k)) and m.group(2) in big_vision_children for k in flat)
   if big_vision:
     flat = _from_big_vision(flat)
   return unflatten_params(flat)
@@ -156,7 +157,8 @@ def resize_posemb(posemb: np.ndarray, new_grid: tuple[int, int], num_prefix: int
   grid = _resize_linear(_resize_linear(grid, new_grid[0], 0), new_grid[1], 1)
   grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(posemb.dtype)
   if new_num_prefix > num_prefix:
-    prefix = np.concatenate([prefix, np.zeros((1, new_num_prefix - num_prefix, posemb.shape[2]), posemb.dtype)], 1)
+    zeros = np.zeros((1, new_num_prefix - num_prefix, posemb.shape[2]), posemb.dtype)
+    prefix = np.concatenate([prefix, zeros], axis=1)
   return np.concatenate([prefix[:, :new_num_prefix], grid], axis=1)
 
 
@@ -181,7 +183,8 @@ def check_params(params: Params, expected: Params, source: str) -> None:
     problems.append(f'{len(mismatched)} with other shapes: ' + listed(
         mismatched, lambda k: f'{k} {tuple(np.shape(have[k]))} vs model {tuple(want[k].shape)}'))
   raise UsageError(f'{source} does not fit the model: {"; ".join(problems)}. Match config.model '
-                   '(variant, pool, representation_size, num_registers, qk_norm, layerscale) to the checkpoint.')
+                   '(variant, pool, representation_size, num_registers, qk_norm, layerscale) '
+                   'to the checkpoint.')
 
 
 def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: str) -> Params:
