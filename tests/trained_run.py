@@ -1,0 +1,26 @@
+"""One tiny run, trained a few steps once per test session, shared by the inference tests.
+
+Training is the slow part of these tests (about ten seconds); predict, evaluate,
+export and plots only read the workdir, so they can all share one.
+"""
+
+_CACHE: dict = {}
+
+
+def trained_workdir(config, tmp_path_factory) -> str:
+  """The workdir of `config` (the conftest `tiny_config`) trained to its last step; trained once."""
+  if 'workdir' not in _CACHE:
+    from vit_jax import train
+    workdir = str(tmp_path_factory.mktemp('trained_run'))
+    config.eval_every_steps = config.checkpoint_every_steps = config.total_steps  # Once, at the end.
+    train.train_and_evaluate(config, workdir)
+    _CACHE['workdir'] = workdir
+  return _CACHE['workdir']
+
+
+def trained_run(config, tmp_path_factory):
+  """The `vit_jax.predict.Run` of `trained_workdir`; loaded once."""
+  if 'run' not in _CACHE:
+    from vit_jax import predict
+    _CACHE['run'] = predict.load_workdir(trained_workdir(config, tmp_path_factory))
+  return _CACHE['run']
