@@ -1,5 +1,6 @@
 """Attention rollout and per-head maps: against hand computation, for every pooling and prefix layout."""
 
+import functools
 import types
 
 import jax
@@ -8,6 +9,12 @@ import pytest
 
 from vit_jax import attention_maps
 from vit_jax.models import create_model
+
+
+def init_and_apply(model, images):
+  """(logits, intermediates) with attention of a freshly initialised model; jitted, which is faster here."""
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  return jax.jit(functools.partial(model.apply, return_attention=True))({'params': params}, images)
 
 
 def random_attention(rng, layers, batch, heads, tokens):
@@ -52,8 +59,7 @@ def explicit_rollout(attention):
 def test_maps_of_the_two_layer_tiny_model_match_an_explicit_computation():
   model = create_model('tiny/4', 10)  # 2 layers, 2 heads, class token.
   images = jax.random.uniform(jax.random.key(1), (2, 8, 12, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), images)['params']
-  _, intermediates = model.apply({'params': params}, images, return_attention=True)
+  _, intermediates = init_and_apply(model, images)
   attention = [np.asarray(a, np.float64) for a in intermediates['attention']]
   assert len(attention) == 2 and attention[0].shape == (2, 2, 7, 7)  # 1 + 2x3 patches.
 
@@ -109,8 +115,7 @@ def test_prefix_tokens_and_query_rows_follow_the_pooling(pool, registers, prefix
 def test_a_gap_model_reads_the_mean_of_its_patch_queries():
   model = create_model('tiny/4', 10, pool='gap')
   images = jax.random.uniform(jax.random.key(2), (1, 8, 8, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), images)['params']
-  _, intermediates = model.apply({'params': params}, images, return_attention=True)
+  _, intermediates = init_and_apply(model, images)
   attention = [np.asarray(a) for a in intermediates['attention']]
   assert attention[0].shape[-1] == 4  # No class token: the 2x2 patches only.
   maps = attention_maps.attention_maps(intermediates, model, (8, 8))
