@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 50  # Full pass over the eval split; also run at the end.
   config.checkpoint_every_steps = 50  # Orbax checkpoint of the train state; also at the end.
   config.keep_checkpoints = 3  # How many of the latest checkpoints to keep.
+  config.best_metric = 'eval/accuracy'  # Also keep the checkpoint best in this eval metric; '' to disable.
+  config.best_mode = 'max'  # Whether the best value of best_metric is the 'max' or the 'min'.
   config.eval_batch_size = 256  # Global eval batch; the last batch is padded and masked.
+  config.accumulation_steps = 1  # Micro-batches per step: same update as the full batch, less memory.
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'sklearn_digits'  # Any tfds name; `sklearn_digits` ships with vit_jax.
@@ -94,5 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # Devices on the data-parallel axis; -1 means all of them.
+  config.mesh.data = -1  # Devices on the data-parallel axis; -1 means all the others.
+  config.mesh.fsdp = 1  # Devices that split parameters and optimizer state (FSDP); -1 means all the others.
+  config.mesh.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated under FSDP.
   return config

@@ -1,4 +1,9 @@
-"""Launcher: `python -m vit_jax.main --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`."""
+"""Launcher: `python -m vit_jax.main --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`.
+
+Several processes (hosts) join one run with --coordinator_address,
+--num_processes and --process_id, or with --multihost where JAX detects the
+cluster itself (SLURM, TPU pods).
+"""
 
 import sys
 
@@ -10,6 +15,12 @@ from vit_jax.errors import UsageError
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file under configs/.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False,
+                               'Join a multi-process run detected from the environment (SLURM, TPU).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -18,9 +29,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
-  from vit_jax import train  # Imported here so that --help does not load JAX.
+  from vit_jax import sharding, train  # Imported here so that --help does not load JAX.
 
   try:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_MULTIHOST.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (UsageError, train.DivergenceError) as e:
     logging.error('%s', e)

@@ -12,13 +12,31 @@ from typing import Any
 import tensorflow as tf
 
 
+def _row_step(line: str) -> float:
+  """The step of a metrics.jsonl row; infinity for a line cut short by a kill."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricWriter:
   """Appends `{'step': s, **metrics}` rows to workdir/metrics.jsonl and TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    """Rows after `resume_step` (left by a run that was killed after its last
+    checkpoint) are dropped, so that a resumed run's rows are not duplicated."""
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        with open(path) as f:
+          kept = [line for line in f if _row_step(line) <= resume_step]
+        # Written aside and renamed: a kill now cannot lose the kept rows.
+        with open(path + '.tmp', 'w') as f:
+          f.writelines(kept)
+        os.replace(path + '.tmp', path)
+      self._jsonl = open(path, 'a')
       self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

@@ -1,44 +1,104 @@
 """Device mesh and shardings: how the batch and the train state are laid out.
 
-The default mesh has one axis, `data`, over every device of every process:
-the batch is split along it and parameters are replicated, which is the
-layout pmap gave, expressed with `jax.jit` and `NamedSharding`.
+The mesh has two axes, `data` and `fsdp`, over every device of every process.
+The batch is split over both. Parameters and optimizer state are replicated
+along `data` and, when `fsdp` > 1, each large array is split along `fsdp` on
+its largest dimension that divides evenly (fully sharded data parallelism).
+With the default `fsdp = 1` this is exactly the layout pmap gave. The train
+step is the same function whatever the layout: only the shardings change.
 """
+
+import math
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax.errors import UsageError
 
+BATCH_AXES = ('data', 'fsdp')
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """A mesh over all devices with the axis sizes of `config.mesh` (-1: the rest)."""
-  devices = jax.devices()
-  size = config.mesh.data
-  if size == -1:
-    size = len(devices)
-  if size != len(devices):
-    raise UsageError(f'config.mesh.data={config.mesh.data} does not match the {len(devices)} '
-                     'devices; use -1 for all of them.')
-  return Mesh(np.asarray(devices).reshape(size), ('data',))
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int], auto: bool = False) -> None:
+  """Joins this process to a multi-process JAX run (before any other JAX call).
+
+  With a coordinator address, the three values are used as given. With `auto`,
+  JAX detects the cluster from its environment (SLURM, TPU pods, ...).
+  """
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise UsageError('--coordinator_address needs --num_processes and --process_id too.')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif auto:
+    jax.distributed.initialize()
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from config.mesh, with -1 meaning 'all remaining devices'."""
+  sizes = [config.mesh.data, config.mesh.fsdp]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UsageError(f'config.mesh data={sizes[0]}, fsdp={sizes[1]}: use positive sizes, '
+                     'and -1 ("the rest") for at most one axis.')
+  known = math.prod(s for s in sizes if s != -1)
+  if num_devices % known:
+    raise UsageError(f'config.mesh data={sizes[0]}, fsdp={sizes[1]} does not divide the '
+                     f'{num_devices} devices; choose sizes whose product is {num_devices}.')
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise UsageError(f'config.mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, '
+                     f'but there are {num_devices}; use -1 for one axis.')
+  return sizes[0], sizes[1]
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Optional[list] = None) -> Mesh:
+  """The (data, fsdp) mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(config, len(devices))
+  if devices == jax.devices():
+    # Lays out devices process-contiguously. Auto axes: shardings are given
+    # at jit boundaries and XLA propagates them inside.
+    return jax.make_mesh(shape, BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+  return Mesh(np.asarray(devices).reshape(shape), BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`."""
-  return NamedSharding(mesh, P('data'))
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+  """Splits the largest dimension divisible by `fsdp_size`; small arrays stay replicated."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, config: ml_collections.ConfigDict) -> Any:
+  """A NamedSharding for every leaf of the (abstract) train state."""
+  fsdp_size = mesh.shape['fsdp']
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, config.mesh.fsdp_min_size)),
+      abstract_state)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size') -> None:
-  """Raises a UsageError unless the global batch splits evenly over the data axis."""
-  n = mesh.shape['data']
+  """Raises a UsageError unless the global batch splits evenly over all devices."""
+  n = mesh.size
   if batch_size % n:
-    raise UsageError(f'{what}={batch_size} is not divisible by the {n} devices of the data axis; '
+    raise UsageError(f'{what}={batch_size} is not divisible by the {n} devices; '
                      f'use a multiple of {n}.')
 
 

@@ -1,12 +1,9 @@
 """Train state, train and eval steps, and the loop: `train_and_evaluate(config, workdir)`."""
 
 import functools
-import json
-import logging
 import math
 import os
-import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -16,7 +13,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import checkpoint, input_pipeline, metrics as metrics_lib, optim, sharding
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from vit_jax import checkpoint, input_pipeline, memory, metrics as metrics_lib, optim, preemption, sharding
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 
@@ -52,16 +52,39 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, label_smoothing: float) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch. Returns the new state and scalar metrics."""
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               label_smoothing: float, accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch. Returns the new state and scalar metrics.
+
+  With `accumulation_steps` k > 1 the batch is split into k micro-batches
+  (example i goes to micro-batch i % k, so each is spread over all devices)
+  whose gradients are averaged: the same update as the full batch, with the
+  activations of one micro-batch in memory at a time.
+  """
   rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
-    logits, _ = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
-    return cross_entropy(logits, batch['label'], label_smoothing).mean()
+  def loss_fn(params, micro_batch, micro_rng):
+    logits, _ = model.apply({'params': params}, micro_batch['image'], train=True,
+                            rngs={'dropout': micro_rng})
+    return cross_entropy(logits, micro_batch['label'], label_smoothing).mean()
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accumulation_steps == 1:
+    loss, grads = grad_fn(state.params, batch, rng)
+  else:
+    k = accumulation_steps
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
+    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -97,108 +120,168 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
-              'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps', 'keep_checkpoints', 'accumulation_steps'):
     if config[key] < 1:
       raise UsageError(f'config.{key}={config[key]} must be a positive integer.')
+  if config.best_mode not in ('max', 'min'):
+    raise UsageError(f"config.best_mode={config.best_mode!r}; use 'max' or 'min'.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics."""
+class Setup(NamedTuple):
+  """Everything about a run that follows from its config and mesh, before any data."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_fn: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  state_sharding: Any
+  batch_sharding: Any
+  step_fn: Callable  # jitted train_step(state, batch, rng) -> (state, metrics)
+  eval_fn: Callable  # jitted eval_step(params, batch) -> sums
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+  """Model, optimizer, state shapes and shardings, and the jitted steps for `mesh`.
+
+  Checks the config against the mesh first, so that bad input fails before
+  anything is compiled or written.
+  """
   _check_config(config)
   model = model_from_config(config)
-  mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
-  is_main = jax.process_index() == 0
-
-  # Data first: a missing dataset fails before anything is compiled.
-  train_split = input_pipeline.open_split(config.dataset, config.dataset.train_split)
-  eval_split = input_pipeline.open_split(config.dataset, config.dataset.eval_split)
-
-  os.makedirs(workdir, exist_ok=True)
+  if config.batch_size % (config.accumulation_steps * mesh.size):
+    raise UsageError(f'config.batch_size={config.batch_size} must split into '
+                     f'accumulation_steps={config.accumulation_steps} micro-batches of a multiple of '
+                     f'the {mesh.size} devices; use a multiple of {config.accumulation_steps * mesh.size}.')
   tx = optim.create_optimizer(config)
   schedule = optim.create_schedule(config)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
 
-  # Shapes first, then shardings, then the state is born already placed.
+  # Shapes first, then shardings; the state is later born already placed.
   init_fn = functools.partial(create_train_state, model=model, tx=tx, image_size=config.input.image_size)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config)
   batch_sharding = sharding.batch_sharding(mesh)
-
-  manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  abstract_placed = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding)
-  state = checkpoint.restore_latest(manager, abstract_placed)
-  if state is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
-    # Fine-tuning hook: pretrained params from config.init.path (no-op when '').
-    state = checkpoint.init_from_pretrained(state, config)
-    logging.info('Initialised a new train state.')
-  else:
-    print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)
-  start_step = int(state.step)
-  if is_main:
-    _write_config(config, workdir)
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-  if is_main:
-    print(f'Model {config.model.variant}: {num_params:,} parameters; {len(train_split):,} training '
-          f'and {len(eval_split):,} eval examples; {jax.device_count()} devices, '
-          f'{jax.process_count()} processes.', flush=True)
-
+  replicated = sharding.replicated(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        label_smoothing=config.optimizer.label_smoothing),
+                        label_smoothing=config.optimizer.label_smoothing,
+                        accumulation_steps=config.accumulation_steps),
       in_shardings=(state_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+  return Setup(model, tx, schedule, init_fn, abstract_state, state_sharding, batch_sharding,
+               step_fn, eval_fn)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  progress = metrics_lib.Progress(config.total_steps, start_step)
+
+def seed_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(init_rng, dropout_rng) of a run: functions of config.seed only, never of the layout."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  return init_rng, dropout_rng
+
+
+def _fetch_checked(step: int, step_metrics: dict) -> dict[str, float]:
+  """Host copy of the step's metrics; raises DivergenceError if any is not finite."""
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  if not all(math.isfinite(v) for v in values.values()):
+    raise DivergenceError(
+        f'Training diverged at step {step}: non-finite loss or gradient norm ({values}). Nothing '
+        'from this step was saved; the last good checkpoint is kept. Lower '
+        'config.optimizer.learning_rate or raise config.optimizer.warmup_steps.')
+  return values
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics."""
+  mesh = sharding.make_mesh(config)
+  run = setup(config, mesh)
+  checkpoint.check_workdir(workdir, config)
+  is_main = jax.process_index() == 0
+
+  # Data next: a missing dataset fails before anything is compiled or written.
+  # Process 0 prepares a shipped dataset first so that processes never race on it.
+  if is_main:
+    input_pipeline.get_builder(config.dataset)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('dataset_prepared')
+  train_split = input_pipeline.open_split(config.dataset, config.dataset.train_split)
+  eval_split = input_pipeline.open_split(config.dataset, config.dataset.eval_split)
+
+  os.makedirs(workdir, exist_ok=True)
+  init_rng, dropout_rng = seed_rngs(config)
+  manager = checkpoint.create_manager(workdir, config)
+  abstract_placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 run.abstract_state, run.state_sharding)
+  state = checkpoint.restore_latest(manager, abstract_placed)
+  if state is None:
+    state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_rng)
+    # Fine-tuning hook: pretrained params from config.init.path (no-op when '').
+    state = checkpoint.init_from_pretrained(state, config)
+  elif is_main:
+    print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)
+  start_step = int(state.step)
+  if is_main:
+    _write_config(config, workdir)
+
   train_iter = input_pipeline.train_iterator(config, train_split, start_step,
                                              jax.process_index(), jax.process_count())
+  first_batch = sharding.global_batch(next(train_iter), run.batch_sharding)
+  # Compiled once, ahead of time: every step reuses this executable.
+  compiled_step = run.step_fn.lower(state, first_batch, dropout_rng).compile()
+  if is_main:
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
+    print(f'Model {config.model.variant}: {num_params:,} parameters; {len(train_split):,} training '
+          f'and {len(eval_split):,} eval examples; {jax.device_count()} devices '
+          f'(mesh data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}), {jax.process_count()} processes.',
+          flush=True)
+    print(memory.format_report(memory.report(run.abstract_state, run.state_sharding, compiled_step)),
+          flush=True)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+  progress = metrics_lib.Progress(config.total_steps, start_step)
   final: dict[str, float] = {}
-  interval_sums, interval_steps = None, 0
+  batch = first_batch
   try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      batch = sharding.global_batch(next(train_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch, dropout_rng)
-      # Summing on device keeps the loop free of host synchronisation between logs.
-      interval_sums = step_metrics if interval_sums is None else jax.tree.map(
-          jnp.add, interval_sums, step_metrics)
-      interval_steps += 1
+    with preemption.StopRequest() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        if batch is None:
+          batch = sharding.global_batch(next(train_iter), run.batch_sharding)
+        state, step_metrics = compiled_step(state, batch, dropout_rng)
+        batch = None
 
-      is_last = step == config.total_steps
-      if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or is_last:
-        means = {k: float(v) / interval_steps for k, v in jax.device_get(interval_sums).items()}
-        if not all(math.isfinite(v) for v in means.values()):
-          raise DivergenceError(
-              f'Training diverged: non-finite loss or gradient norm at step {step} ({means}). '
-              'The last good checkpoint is kept; lower config.optimizer.learning_rate or '
-              'raise config.optimizer.warmup_steps.')
-        means['train/lr'] = float(schedule(step - 1))
-        means['train/images_per_sec'] = progress.rate(step) * config.batch_size
-        interval_sums, interval_steps = None, 0
-        writer.write(step, means)
-        final.update(means)
-        if is_main:
-          print(progress.line(step, means['train/images_per_sec'] / config.batch_size, means), flush=True)
+        is_last = step == config.total_steps
+        stopping = stop.should_stop(step, every=config.log_every_steps)
+        is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last or stopping
+        if step % config.log_every_steps == 0 or is_checkpoint:
+          # Only now does the host wait for the device.
+          values = _fetch_checked(step, step_metrics)
+          values['train/images_per_sec'] = progress.rate(step) * config.batch_size
+          writer.write(step, values)
+          final.update(values)
+          if is_main:
+            print(progress.line(step, values['train/images_per_sec'] / config.batch_size, values),
+                  flush=True)
 
-      if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate(eval_fn, state.params, config, eval_split, batch_sharding)
-        writer.write(step, eval_metrics)
-        final.update(eval_metrics)
-        if is_main:
-          print(f'eval at step {step}: accuracy {eval_metrics["eval/accuracy"]:.4f} | '
-                f'loss {eval_metrics["eval/loss"]:.4f} | {int(eval_metrics["eval/num_examples"])} examples',
-                flush=True)
-        progress.rate(step)  # Exclude eval time from the next throughput figure.
+        eval_metrics = None
+        if step % config.eval_every_steps == 0 or is_last:
+          eval_metrics = evaluate(run.eval_fn, state.params, config, eval_split, run.batch_sharding)
+          writer.write(step, eval_metrics)
+          final.update(eval_metrics)
+          if is_main:
+            print(f'eval at step {step}: accuracy {eval_metrics["eval/accuracy"]:.4f} | loss '
+                  f'{eval_metrics["eval/loss"]:.4f} | {int(eval_metrics["eval/num_examples"])} examples',
+                  flush=True)
+          progress.rate(step)  # Exclude eval time from the next throughput figure.
 
-      if step % config.checkpoint_every_steps == 0 or is_last:
-        checkpoint.save(manager, step, state)
+        if is_checkpoint:
+          checkpoint.save(manager, step, state, eval_metrics)
+        if stopping and not is_last:
+          if is_main:
+            print(f'Received {stop.signal_name or "a stop request"}: saved the checkpoint of step '
+                  f'{step} in {workdir}; run the same command to resume.', flush=True)
+          break
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -1,32 +1,125 @@
-"""The orbax checkpoint manager: save the train state, resume from the latest."""
+"""The orbax checkpoint manager: save the train state, resume from the newest valid one.
 
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a crash mid-write never leaves a half checkpoint under its step
+name. A checkpoint that is damaged afterwards (truncated, deleted files) is
+detected at restore: it is moved to `workdir/corrupt_checkpoints/` and the
+next older one is used.
+"""
+
+import json
 import os
+import shutil
+import tempfile
 from typing import Any, Optional
 
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from vit_jax.errors import UsageError
+
+# Config keys that change the shapes of the train state: a workdir whose
+# checkpoints were written with other values belongs to a different model.
+MODEL_KEYS = ('model', 'dataset.num_classes', 'input.image_size', 'optimizer.name')
 
 
-def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  """An orbax manager over `workdir/checkpoints`, keeping the latest `keep` steps.
+def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """An orbax manager over `workdir/checkpoints`.
 
-  Saves are asynchronous: `save` returns once the state is copied to host, and
-  the write to disk overlaps the next training steps.
+  Keeps the latest `config.keep_checkpoints` steps and, if
+  `config.best_metric` is set, also the one with the best value of that eval
+  metric. Saves are asynchronous: `save` returns once the state is copied to
+  host and the write to disk overlaps the next training steps.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  policies = [checkpoint_managers.LatestN(n=config.keep_checkpoints)]
+  if config.best_metric:
+    metric = config.best_metric
+    policies.append(checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[metric], reverse=config.best_mode == 'min', n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      create=True, preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state))
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         metrics: Optional[dict[str, float]] = None) -> None:
+  """Starts an asynchronous save of `state` at `step`, with eval metrics for best-keeping."""
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+  except OSError as e:
+    raise UsageError(f'Cannot write the checkpoint of step {step} to {manager.directory}: {e}. '
+                     'Free disk space or choose another --workdir.') from None
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Optional[Any]:
-  """The latest saved state, laid out like `abstract_state` (shapes and shardings), or None.
+  """The newest readable state, laid out like `abstract_state` (shapes and shardings), or None.
 
   Restoring against the abstract state keeps optax's state types and places
-  every array directly with its target sharding.
+  every array directly with its target sharding, whatever the device count
+  the checkpoint was written with. Damaged checkpoints are set aside.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # Orbax raises many types for damaged files.
+      reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      _set_aside(manager, step)
+      print(f'Checkpoint at step {step} is damaged ({reason}); set aside, trying the previous one.',
+            flush=True)
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  """Moves a damaged checkpoint out of the manager's directory (process 0) and rescans."""
+  source = os.path.join(str(manager.directory), str(step))
+  if jax.process_index() == 0 and os.path.exists(source):
+    target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints')
+    os.makedirs(target_dir, exist_ok=True)
+    shutil.move(source, os.path.join(target_dir, f'{step}'))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'set_aside_{step}')
+  manager.reload()
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+  for key in dotted.split('.'):
+    config = config.get(key, {}) if isinstance(config, dict) else {}
+  return config
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Fails, before anything is written, if `workdir` cannot be used for this config.
+
+  A workdir must be writable, and if it already holds checkpoints they must
+  come from the same model (same MODEL_KEYS in its config.json).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir {workdir} is a file, not a directory; choose another path.')
+  probe_dir = workdir if os.path.isdir(workdir) else os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(probe_dir):
+    probe_dir = os.path.dirname(probe_dir)
+  try:
+    with tempfile.TemporaryFile(dir=probe_dir):
+      pass
+  except OSError as e:
+    raise UsageError(f'--workdir {workdir} is not writable ({e.strerror}); choose a writable '
+                     'directory with free space.') from None
+
+  saved_path = os.path.join(workdir, 'config.json')
+  has_checkpoints = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
+      name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
+  if not (has_checkpoints and os.path.exists(saved_path)):
+    return
+  with open(saved_path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  different = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(current, key)]
+  if different:
+    details = '; '.join(f'{k}: saved {_lookup(saved, k)!r}, now {_lookup(current, k)!r}'
+                        for k in different)
+    raise UsageError(f'--workdir {workdir} holds checkpoints of a different model ({details}). '
+                     'Use a new --workdir, or the config that wrote it.')
