@@ -1,0 +1,185 @@
+"""Sweeps: plan, run through the real launcher, interruption and resume, failures, the report."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from vit_jax import sweep, sweep_report
+from vit_jax.errors import UsageError
+
+# The tiny model for 60 steps: long enough that a SIGTERM sent after its first
+# log lands mid-training, short enough that a trial takes ~20 s on 2 cores.
+TINY_SWEEP = '''
+BASE_CONFIG = 'configs/base.py'
+OVERRIDES = {{'total_steps': 60, 'batch_size': 32, 'eval_batch_size': 120, 'log_every_steps': 5,
+             'eval_every_steps': 30, 'checkpoint_every_steps': 30, 'dataset.data_dir': {data_dir!r}}}
+GRID = {{'config.model.posemb': ['learn', 'none'], 'model.pool': ['token', 'gap']}}
+METRIC = 'eval/accuracy'
+'''
+
+
+def sweep_command(sweep_file, workdir, *flags):
+  return [sys.executable, '-m', 'vit_jax.sweep', str(sweep_file), '--workdir', str(workdir), *flags]
+
+
+def one_device_env():
+  # One CPU device per trial instead of conftest's 8: each launch starts ~10 s faster.
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+
+def read_rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_plan_lists_trials_without_running_them(tmp_path, data_dir):
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(TINY_SWEEP.format(data_dir=data_dir))
+  workdir = tmp_path / 'sweep'
+  result = subprocess.run(sweep_command(sweep_file, workdir, '--plan'), cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  names = ['model.posemb=learn,model.pool=token,seed=0', 'model.posemb=learn,model.pool=gap,seed=0',
+           'model.posemb=none,model.pool=token,seed=0', 'model.posemb=none,model.pool=gap,seed=0']
+  for index, name in enumerate(names):
+    assert f'{index:4d}  {name}  [new]' in result.stdout
+  assert '--config.model.pool=gap --config.seed=0' in result.stdout
+  assert not workdir.exists()
+
+
+def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkeypatch):
+  monkeypatch.chdir(REPO)
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(TINY_SWEEP.format(data_dir=data_dir))
+  workdir = tmp_path / 'sweep'
+  plan = sweep.load_sweep(str(sweep_file))
+  first, second = (workdir / plan.trials[i].name for i in (0, 1))
+
+  # Interrupt the sweep once trial 1 is training (trial 0 has finished by then).
+  process = subprocess.Popen(sweep_command(sweep_file, workdir), cwd=REPO, env=one_device_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (second / 'metrics.jsonl').exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, stdout + stderr
+  assert 'Interrupted by SIGTERM' in stdout
+  assert (first / sweep.DONE_FILE).exists() and not (second / sweep.DONE_FILE).exists()
+  stopped_at = max(row['step'] for row in read_rows(second / 'metrics.jsonl'))
+  assert 0 < stopped_at < 60  # The launcher saved a checkpoint and stopped mid-run.
+  assert not (workdir / plan.trials[2].name).exists()
+  done_mtime = (first / sweep.DONE_FILE).stat().st_mtime_ns
+  metrics_mtime = (first / 'metrics.jsonl').stat().st_mtime_ns
+
+  # The same command again: trial 0 is skipped, trial 1 resumes, 2 and 3 run, the report is built.
+  result = subprocess.run(sweep_command(sweep_file, workdir, '--parallel', '2'), cwd=REPO,
+                          env=one_device_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert '1 already finished (skipped), 3 to run' in result.stdout
+  assert (first / sweep.DONE_FILE).stat().st_mtime_ns == done_mtime
+  assert (first / 'metrics.jsonl').stat().st_mtime_ns == metrics_mtime
+  assert f'Resuming from the checkpoint at step {stopped_at}' in (second / sweep.STDOUT_FILE).read_text()
+  train_steps = [r['step'] for r in read_rows(second / 'metrics.jsonl') if 'train/loss' in r]
+  # Every 5 steps plus the step it stopped at (the launcher logs it): none twice, none missing.
+  assert train_steps == sorted({*range(5, 61, 5), stopped_at})
+  assert len(read_rows(second / sweep.ATTEMPTS_FILE)) == 2
+  assert all((workdir / t.name / sweep.DONE_FILE).exists() for t in plan.trials)
+
+  with open(workdir / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['model.posemb'], r['model.pool']) for r in rows] == [
+      ('learn', 'token'), ('learn', 'gap'), ('none', 'token'), ('none', 'gap')]
+  for row in rows:
+    assert row['seeds'] == '1' and 0 <= float(row['eval/accuracy mean']) <= 1
+    assert row['best step'] in ('30', '60') and int(row['params']) > 10_000
+  assert int(rows[0]['params']) - int(rows[2]['params']) == 17 * 32  # Learned posemb: 16 patches + cls.
+  markdown = (workdir / 'results.md').read_text()
+  assert markdown in result.stdout and markdown.count('\n') == 6
+  for png in ('eval_accuracy_by_key.png', 'eval_accuracy_by_point.png', 'curves.png'):
+    assert (workdir / png).stat().st_size > 10_000
+
+  # Finished: a third run launches nothing.
+  again = subprocess.run(sweep_command(sweep_file, workdir, '--trial', '1'), cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+  assert again.returncode == 0 and '1 already finished (skipped), 0 to run' in again.stdout
+
+
+def test_failed_trials_are_reported_and_do_not_stop_the_others(tmp_path, data_dir):
+  sweep_file = tmp_path / 'bad.py'
+  sweep_file.write_text(f'BASE_CONFIG = "configs/base.py"\nOVERRIDES = {{"dataset.data_dir": {data_dir!r}}}\n'
+                        'TRIALS = [{"input.image_size": 9}, {"input.image_size": 7}]\n')
+  result = subprocess.run(sweep_command(sweep_file, tmp_path / 'sweep', '--parallel', '2'), cwd=REPO,
+                          env=one_device_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  for size in (9, 7):
+    assert f'input.image_size={size},seed=0: failed' in result.stdout
+    assert f'image_size={size} is not divisible by the patch size 2' in result.stdout  # The stderr tail.
+  assert '2 trial(s) did not finish' in result.stderr
+  assert 'Not finished (2)' in (tmp_path / 'sweep' / 'results.md').read_text()
+
+
+def write_finished_trial(plan, trial, workdir, finals):
+  """A trial workdir as a finished run leaves it: metrics with two evals, the done file."""
+  trial_dir = workdir / trial.name
+  trial_dir.mkdir(parents=True)
+  rows = [{'step': 50, 'train/loss': 1.0}, {'step': 50, 'eval/accuracy': finals[0]},
+          {'step': 100, 'train/loss': 0.5}, {'step': 100, 'eval/accuracy': finals[1]}]
+  (trial_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (trial_dir / sweep.ATTEMPTS_FILE).write_text(json.dumps({'wall_s': 10.0 * (trial.seed + 1)}) + '\n')
+  (trial_dir / sweep.DONE_FILE).write_text(json.dumps({'base_config': plan.base_config,
+                                                       'overrides': trial.overrides}))
+
+
+def test_report_pools_seeds(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  sweep_file = tmp_path / 'seeds.py'
+  sweep_file.write_text("BASE_CONFIG = 'configs/base.py'\nGRID = {'optimizer.learning_rate': [1e-3, 3e-4]}\n"
+                        "SEEDS = 3\nOVERRIDES = {'total_steps': 100}\n")
+  plan = sweep.load_sweep(str(sweep_file))
+  assert [t.name for t in plan.trials[:3]] == [f'optimizer.learning_rate=0.001,seed={s}' for s in range(3)]
+  workdir = tmp_path / 'sweep'
+  finals = {0: (0.6, 0.8), 1: (0.9, 0.7), 2: (0.5, 0.9)}  # (step 50, step 100) per seed.
+  for trial in plan.trials[:3]:
+    write_finished_trial(plan, trial, workdir, finals[trial.seed])
+  write_finished_trial(plan, plan.trials[3], workdir, (0.1, 0.2))  # Point 2: only one seed finished.
+  text = sweep_report.build_report(plan, str(workdir))
+  with open(workdir / 'results.csv') as f:
+    first, second = list(csv.DictReader(f))
+  assert first['seeds'] == '3' and float(first['eval/accuracy mean']) == pytest.approx(0.8)
+  assert float(first['eval/accuracy std']) == pytest.approx(0.1)  # Sample std of 0.8, 0.7, 0.9.
+  assert (float(first['best eval/accuracy']), first['best step']) == (0.9, '50')
+  assert float(first['wall s per trial']) == 20.0 and second['seeds'] == '1'
+  assert '| `0.001` | 3/3 | **80.00% ± 10.00%** | 90.00% (50) | 20 s |' in text
+  assert 'Not finished (2): `optimizer.learning_rate=0.0003,seed=1`' in text
+
+
+@pytest.mark.parametrize('body,message', [
+    ("GRID = {'model.pooling': ['gap']}", "config.model.pooling='gap' does not fit the config"),
+    ("GRID = {'total_steps': [10.5]}", 'config.total_steps=10.5 does not fit'),
+    ("TRIALS = [{'model.hidden_size': None}]", 'cannot take None'),
+    ("GRID = {'seed': [1, 2]}", 'set seeds with SEEDS'),
+    ("GRID = {'model.pool': 'gap'}", "GRID['model.pool'] must be a non-empty list"),
+    ("TRIAL = [{}]", "unknown names ['TRIAL']"),
+])
+def test_bad_sweep_files_fail_before_running(tmp_path, monkeypatch, body, message):
+  monkeypatch.chdir(REPO)
+  sweep_file = tmp_path / 'bad.py'
+  sweep_file.write_text(f"BASE_CONFIG = 'configs/base.py'\n{body}\n")
+  with pytest.raises(UsageError, match=message.replace('[', r'\[').replace('(', r'\(').replace('.', r'\.')):
+    sweep.load_sweep(str(sweep_file))
+
+
+def test_values_format_for_the_launcher_and_names_are_safe():
+  assert [sweep.format_value(v) for v in (True, 3e-4, 'Ti/4', (0.0, 1.0), 12)] == [
+      'true', '0.0003', 'Ti/4', '(0.0,1.0)', '12']
+  assert sweep.trial_name({'model.variant': 'Ti/4', 'input.value_range': (0.0, 1.0)}, 1) == (
+      'model.variant=Ti_4,input.value_range=_0.0,1.0_,seed=1')
+  assert len(sweep.trial_name({'k': 'x' * 500}, 0)) == sweep.MAX_NAME_LENGTH

@@ -1,0 +1,388 @@
+"""Ablation sweeps: `python -m vit_jax.sweep experiments/NAME.py --workdir DIR`.
+
+A sweep file is plain Python with these module-level names:
+
+  BASE_CONFIG = 'configs/quickstart.py'  # Config file every trial starts from (relative to the repo root).
+  OVERRIDES = {'total_steps': 500}       # Optional: applied to every trial.
+  GRID = {'model.pool': ['token', 'gap'], 'optimizer.learning_rate': [3e-4, 1e-3]}  # Optional: a grid.
+  TRIALS = [{'model.variant': 'Ti/8', 'model.hidden_size': 192}, ...]  # Optional: explicit points.
+  SEEDS = 2                # Seeds per point: config.seed + 0, 1, ...; or an explicit list of seeds.
+  METRIC = 'eval/accuracy' # A metrics.jsonl key; its value at the last step is the trial's result.
+  MODE = 'max'             # Whether larger ('max') or smaller ('min') METRIC is better.
+
+Keys are config keys, with or without a leading `config.`. The points are
+every TRIALS entry (default: one empty entry) combined with every GRID
+combination (default: one empty combination), and each point runs once per
+seed. A trial is the real launcher in a subprocess,
+
+  python -m vit_jax.main --config BASE_CONFIG --workdir DIR/NAME --config.KEY=VALUE ...
+
+in its own workdir named after the point's overrides and seed (for example
+`DIR/model.pool=gap,optimizer.learning_rate=0.0003,seed=1`). When the launcher
+exits 0 and metrics.jsonl reaches config.total_steps, the sweep writes
+`sweep_done.json` there; a re-run skips such trials and re-launches the others,
+which resume from their last checkpoint. SIGTERM or Ctrl-C is passed on to the
+running trials (they save a checkpoint and stop). A failed trial is reported
+with the tail of its stderr and the others go on; the exit code is then 1.
+
+Flags: --plan (list the trials and exit), --parallel N (trials at once),
+--trial I (only trial I; repeatable; for a scheduler fanning out),
+--report_only (only rebuild the report). The report (results.csv,
+results.md and PNGs, see vit_jax/sweep_report.py) is written into DIR.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+import ml_collections
+
+from vit_jax.errors import UsageError
+
+DONE_FILE = 'sweep_done.json'  # Written into a trial's workdir once it has finished.
+ATTEMPTS_FILE = 'sweep_attempts.jsonl'  # One row per launcher run of the trial (wall time, exit code).
+STDOUT_FILE, STDERR_FILE = 'launcher.out', 'launcher.err'  # The launcher's output, appended per run.
+SWEEP_NAMES = {'BASE_CONFIG', 'OVERRIDES', 'GRID', 'TRIALS', 'SEEDS', 'METRIC', 'MODE'}
+_ABSL_NOISE = re.compile(r'I\d{4} |WARNING: All log messages before absl::InitializeLog')
+MAX_NAME_LENGTH = 200  # Folder names stay well under the usual 255-byte limit.
+
+
+class Trial(NamedTuple):
+  index: int
+  name: str  # The sub-workdir: the point's overrides and the seed.
+  point: dict[str, Any]  # The overrides that distinguish this point (no seed, no OVERRIDES).
+  seed: int
+  overrides: dict[str, Any]  # Everything passed to the launcher: OVERRIDES, point, seed.
+
+
+class Sweep(NamedTuple):
+  path: str
+  base_config: str
+  trials: list[Trial]
+  metric: str
+  mode: str
+  points: list[dict[str, Any]]
+
+
+def _strip(overrides: dict, where: str) -> dict[str, Any]:
+  if not isinstance(overrides, dict):
+    raise UsageError(f'{where} must be a dict of config key -> value, got {overrides!r}.')
+  return {(k[len('config.'):] if k.startswith('config.') else k): v for k, v in overrides.items()}
+
+
+def format_value(value: Any) -> str:
+  """The text of `--config.KEY=TEXT` that the launcher parses back into `value`."""
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if isinstance(value, (list, tuple)):
+    return '(' + ','.join(format_value(v) for v in value) + (',)' if len(value) == 1 else ')')
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def trial_name(point: dict[str, Any], seed: int) -> str:
+  """A filesystem-safe folder name: `key=value,...,seed=S` (characters outside [\\w.=,+-] become '_')."""
+  text = ','.join([f'{k}={format_value(v)}' for k, v in point.items()] + [f'seed={seed}'])
+  text = re.sub(r'[^\w.=,+-]', '_', text)
+  if len(text) > MAX_NAME_LENGTH:  # Keep it unique: a short hash of the full text.
+    text = text[:MAX_NAME_LENGTH - 9] + '~' + hashlib.sha1(text.encode()).hexdigest()[:8]
+  return text
+
+
+def load_config(base_config: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (`path` or `path:argument`, as the launcher takes), locked."""
+  path, _, argument = base_config.partition(':')
+  if not os.path.isfile(path):
+    raise UsageError(f'BASE_CONFIG {base_config!r}: no such file (paths are relative to the repo '
+                     f'root, where the sweep runs; cwd is {os.getcwd()}).')
+  spec = importlib.util.spec_from_file_location('sweep_base_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(argument) if argument else module.get_config()
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+  """Sets `key: value` on the locked `config`, as the launcher would; raises UsageError on bad ones."""
+  for key, value in overrides.items():
+    if value is None:
+      raise UsageError(f'config.{key}=None: the launcher cannot take None on its command line; give '
+                       'the value explicitly (e.g. the hidden size the variant would use).')
+    *parents, leaf = key.split('.')
+    node = config
+    try:
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      raise UsageError(f'config.{key}={value!r} does not fit the config ({e}); see configs/base.py '
+                       'for every key and its type.') from None
+
+
+def load_sweep(path: str) -> Sweep:
+  """Reads and checks a sweep file; every trial's overrides are tried on the base config."""
+  if not os.path.isfile(path):
+    raise UsageError(f'No sweep file {path!r}; pass one of experiments/*.py.')
+  names = {k: v for k, v in runpy.run_path(path).items() if k.isupper()}
+  unknown = set(names) - SWEEP_NAMES
+  if unknown:
+    raise UsageError(f'{path}: unknown names {sorted(unknown)}; a sweep file sets '
+                     f'{", ".join(sorted(SWEEP_NAMES))}.')
+  if 'BASE_CONFIG' not in names or not ('GRID' in names or 'TRIALS' in names):
+    raise UsageError(f'{path} must set BASE_CONFIG and at least one of GRID or TRIALS.')
+  mode = names.get('MODE', 'max')
+  if mode not in ('max', 'min'):
+    raise UsageError(f"{path}: MODE={mode!r}; use 'max' or 'min'.")
+  shared = _strip(names.get('OVERRIDES', {}), 'OVERRIDES')
+  grid = _strip(names.get('GRID', {}), 'GRID')
+  for key, values in grid.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise UsageError(f'GRID[{key!r}] must be a non-empty list of values, got {values!r}.')
+  combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+  entries = [_strip(t, f'TRIALS[{i}]') for i, t in enumerate(names.get('TRIALS', [{}]))]
+  points = []
+  for entry in entries:
+    for combo in combos:
+      if set(entry) & set(combo):
+        raise UsageError(f'{path}: TRIALS entry {entry} and GRID both set {sorted(set(entry) & set(combo))}.')
+      points.append({**entry, **combo})
+
+  base_seed = load_config(names['BASE_CONFIG']).seed
+  seeds = names.get('SEEDS', 1)
+  seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [base_seed + i for i in range(seeds)]
+  if not seeds or any(not isinstance(s, int) for s in seeds):
+    raise UsageError(f'{path}: SEEDS={names.get("SEEDS")!r}; use a positive count or a list of ints.')
+  if any('seed' in p for p in points) or 'seed' in shared:
+    raise UsageError(f'{path}: set seeds with SEEDS, not as an override of config.seed.')
+
+  trials = []
+  for point in points:
+    for seed in seeds:
+      overrides = {**shared, **point, 'seed': seed}
+      apply_overrides(load_config(names['BASE_CONFIG']), overrides)  # Fails here, not mid-sweep.
+      trials.append(Trial(len(trials), trial_name(point, seed), point, seed, overrides))
+  duplicates = {t.name for t in trials if [u.name for u in trials].count(t.name) > 1}
+  if duplicates:
+    raise UsageError(f'{path}: several trials share the workdir name(s) {sorted(duplicates)}; '
+                     'make the points differ.')
+  return Sweep(path, names['BASE_CONFIG'], trials, names.get('METRIC', 'eval/accuracy'), mode, points)
+
+
+def trial_config(sweep: Sweep, trial: Trial) -> ml_collections.ConfigDict:
+  """The config the launcher runs for `trial`."""
+  config = load_config(sweep.base_config)
+  apply_overrides(config, trial.overrides)
+  return config
+
+
+def launch_command(sweep: Sweep, trial: Trial, workdir: str) -> list[str]:
+  """The launcher's command line for `trial`."""
+  return [sys.executable, '-m', 'vit_jax.main', '--config', sweep.base_config,
+          '--workdir', os.path.join(os.path.abspath(workdir), trial.name),
+          *[f'--config.{k}={format_value(v)}' for k, v in trial.overrides.items()]]
+
+
+def is_finished(sweep: Sweep, trial: Trial, workdir: str) -> bool:
+  """Whether `trial` finished with its current overrides (its done file says so)."""
+  path = os.path.join(workdir, trial.name, DONE_FILE)
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    done = json.load(f)
+  # JSON turns tuples into lists: compare both sides in their JSON form.
+  return (done.get('base_config'), done.get('overrides')) == (
+      sweep.base_config, json.loads(json.dumps(trial.overrides)))
+
+
+def last_step(trial_dir: str) -> int:
+  """The largest step in `trial_dir/metrics.jsonl` (0 if none)."""
+  from vit_jax import plots  # Only its reader.
+  try:
+    return max((row['step'] for row in plots.read_metrics(trial_dir)), default=0)
+  except UsageError:
+    return 0
+
+
+class Runner:
+  """Runs trials in subprocesses, `parallel` at a time; forwards SIGTERM/SIGINT to them."""
+
+  def __init__(self, sweep: Sweep, workdir: str, parallel: int):
+    self.sweep, self.workdir, self.parallel = sweep, workdir, parallel
+    self.stop_signal: Optional[int] = None
+    self._running: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.stop_signal = signum
+    with self._lock:
+      for process in self._running:
+        process.send_signal(signal.SIGTERM)  # The launcher saves a checkpoint and exits.
+
+  def run_trial(self, trial: Trial) -> dict:
+    """Launches `trial` once; returns its outcome: finished, failed, interrupted or not started."""
+    trial_dir = os.path.join(self.workdir, trial.name)
+    total_steps = trial_config(self.sweep, trial).total_steps
+    command = launch_command(self.sweep, trial, self.workdir)
+    err_path = os.path.join(trial_dir, STDERR_FILE)
+    with self._lock:
+      if self.stop_signal is not None:
+        return {'trial': trial, 'status': 'not started'}
+      os.makedirs(trial_dir, exist_ok=True)
+      err_offset = os.path.getsize(err_path) if os.path.exists(err_path) else 0
+      start = time.time()
+      with open(os.path.join(trial_dir, STDOUT_FILE), 'a') as out, open(err_path, 'a') as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+      self._running.add(process)
+    returncode = process.wait()
+    with self._lock:
+      self._running.discard(process)
+    wall_s = time.time() - start
+    reached = last_step(trial_dir)
+    if returncode and self.stop_signal is None:
+      status = 'failed'
+    else:  # A launcher stopped by our signal exits 0 after saving, or dies if it had not started training.
+      status = 'finished' if not returncode and reached >= total_steps else 'interrupted'
+    with open(os.path.join(trial_dir, ATTEMPTS_FILE), 'a') as f:
+      f.write(json.dumps({'start': start, 'wall_s': wall_s, 'returncode': returncode,
+                          'last_step': reached, 'status': status}) + '\n')
+    if status == 'finished':
+      with open(os.path.join(trial_dir, DONE_FILE), 'w') as f:
+        json.dump({'base_config': self.sweep.base_config, 'overrides': trial.overrides,
+                   'command': command, 'total_steps': total_steps,
+                   'finished': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=2)
+    with open(err_path) as f:
+      f.seek(err_offset)
+      lines = f.read().strip().split('\n')
+    # TensorFlow's start-up INFO lines (absl format `I0000 ...`) would bury the error.
+    tail = [line for line in lines if not _ABSL_NOISE.match(line)][-15:]
+    return {'trial': trial, 'status': status, 'wall_s': wall_s, 'returncode': returncode,
+            'last_step': reached, 'stderr_tail': '\n'.join(tail)}
+
+  def run(self, trials: Sequence[Trial]) -> list[dict]:
+    """Runs `trials`, printing a line as each ends; stops launching new ones after a signal."""
+    previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    outcomes = []
+    try:
+      with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
+        pending = {pool.submit(self.run_trial, t) for t in trials}
+        while pending:
+          done, pending = concurrent.futures.wait(pending, timeout=1.0,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+          for future in done:
+            outcome = future.result()
+            outcomes.append(outcome)
+            _print_outcome(outcome, len(self.sweep.trials))
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    return sorted(outcomes, key=lambda o: o['trial'].index)
+
+
+def _print_outcome(outcome: dict, count: int) -> None:
+  trial, status = outcome['trial'], outcome['status']
+  line = f'[{trial.index + 1}/{count}] {trial.name}: {status}'
+  if 'wall_s' in outcome:
+    line += f' after {outcome["wall_s"]:.0f} s (step {outcome["last_step"]})'
+  if status == 'failed':
+    line += (f', launcher exit code {outcome["returncode"]}; end of its stderr:\n    '
+             + outcome['stderr_tail'].replace('\n', '\n    '))
+  print(line, flush=True)
+
+
+def prepare_datasets(sweep: Sweep) -> None:
+  """Prepares shipped datasets once, so that trials running side by side never race to do it."""
+  from vit_jax import input_pipeline
+  seen = set()
+  for trial in sweep.trials:
+    dataset = trial_config(sweep, trial).dataset
+    if dataset.name in input_pipeline.SHIPPED_BUILDERS and (dataset.name, dataset.data_dir) not in seen:
+      seen.add((dataset.name, dataset.data_dir))
+      input_pipeline.get_builder(dataset)
+
+
+def print_plan(sweep: Sweep, workdir: str) -> None:
+  print(f'{len(sweep.trials)} trials of {sweep.base_config} ({sweep.path}), metric {sweep.metric} '
+        f'({sweep.mode}), workdir {workdir}:')
+  for trial in sweep.trials:
+    state = 'finished' if is_finished(sweep, trial, workdir) else (
+        'started' if os.path.isdir(os.path.join(workdir, trial.name)) else 'new')
+    print(f'{trial.index:4d}  {trial.name}  [{state}]\n      '
+          + ' '.join(f'--config.{k}={format_value(v)}' for k, v in trial.overrides.items()))
+
+
+def run_sweep(sweep: Sweep, workdir: str, parallel: int = 1,
+              only: Optional[Sequence[int]] = None) -> tuple[list[dict], Optional[int]]:
+  """Runs the unfinished trials (all, or those indexed by `only`).
+
+  Returns the outcomes (finished ones skipped count as 'finished') and the
+  signal that interrupted the sweep, if any.
+  """
+  chosen = [sweep.trials[i] for i in only] if only else sweep.trials
+  skipped = [t for t in chosen if is_finished(sweep, t, workdir)]
+  todo = [t for t in chosen if t not in skipped]
+  print(f'{len(chosen)} trials: {len(skipped)} already finished (skipped), {len(todo)} to run, '
+        f'{min(parallel, max(len(todo), 1))} at a time, in {workdir}.', flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  if parallel > 1 and len(todo) > 1:
+    prepare_datasets(sweep)
+  runner = Runner(sweep, workdir, parallel)
+  outcomes = [{'trial': t, 'status': 'finished', 'skipped': True} for t in skipped] + runner.run(todo)
+  return sorted(outcomes, key=lambda o: o['trial'].index), runner.stop_signal
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m vit_jax.sweep',
+                                   description='Run an ablation sweep file; see the module docstring.')
+  parser.add_argument('sweep', help='the sweep file, e.g. experiments/posemb.py')
+  parser.add_argument('--workdir', required=True, help='folder of the trial workdirs and the report')
+  parser.add_argument('--parallel', type=int, default=1, help='trials run at once (default 1)')
+  parser.add_argument('--plan', action='store_true', help='list the trials and exit, running nothing')
+  parser.add_argument('--trial', type=int, action='append',
+                      help='run only this trial index (repeatable); no report is built')
+  parser.add_argument('--report_only', action='store_true', help='only build the report')
+  args = parser.parse_args(argv)
+  try:
+    if args.parallel < 1:
+      raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
+    sweep = load_sweep(args.sweep)
+    bad = [i for i in args.trial or [] if not 0 <= i < len(sweep.trials)]
+    if bad:
+      raise UsageError(f'--trial {bad[0]}: the sweep has trials 0..{len(sweep.trials) - 1} (see --plan).')
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.plan:
+    print_plan(sweep, args.workdir)
+    return 0
+  outcomes, stop_signal = [], None
+  if not args.report_only:
+    outcomes, stop_signal = run_sweep(sweep, args.workdir, args.parallel, args.trial)
+    if stop_signal is not None:
+      print(f'Interrupted by {signal.Signals(stop_signal).name}: run the same command to resume.', flush=True)
+      return 128 + stop_signal
+  failed = [o for o in outcomes if o['status'] != 'finished']
+  if not args.trial:
+    from vit_jax import sweep_report
+    print(sweep_report.build_report(sweep, args.workdir), flush=True)
+  if failed:
+    print(f'{len(failed)} trial(s) did not finish: ' + ', '.join(o['trial'].name for o in failed),
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
