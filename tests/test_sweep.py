@@ -183,3 +183,11 @@ def test_values_format_for_the_launcher_and_names_are_safe():
   assert sweep.trial_name({'model.variant': 'Ti/4', 'input.value_range': (0.0, 1.0)}, 1) == (
       'model.variant=Ti_4,input.value_range=_0.0,1.0_,seed=1')
   assert len(sweep.trial_name({'k': 'x' * 500}, 0)) == sweep.MAX_NAME_LENGTH
+
+
+def test_only_keys_varied_on_their_own_get_a_plot_against_them():
+  def points(*values):
+    return [{'values': dict(zip(('patch', 'width', 'lr'), v))} for v in values]
+  grid_like = points((4, 96, 1), (4, 96, 3), (8, 96, 1), (8, 96, 3))
+  assert sweep_report.independent_keys(grid_like) == ['patch', 'lr']  # width never changes alone.
+  assert sweep_report.independent_keys(points((4, 96, 1), (8, 192, 1), (2, 48, 1))) == []

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -160,14 +161,29 @@ def _scale(metric: str) -> float:
   return 100.0 if _percent(metric) else 1.0
 
 
+def independent_keys(points: Sequence[dict]) -> list[str]:
+  """Varied keys that change somewhere while all the other varied keys stay put.
+
+  Those of a grid; not those of explicit points that change several keys at
+  once, where a plot against one key would mix the effects of the others.
+  """
+  keys = list(points[0]['values'])
+
+  def rest(p, key):
+    return json.dumps({k: v for k, v in p['values'].items() if k != key}, sort_keys=True, default=str)
+  return [key for key in keys
+          if any(rest(p, key) == rest(q, key) and p['values'][key] != q['values'][key]
+                 for p in points for q in points)]
+
+
 def plot_by_key(sweep: sweep_lib.Sweep, points: Sequence[dict], out: str) -> None:
-  """One panel per varied key: the final metric (mean ± std over seeds, and each seed) against it.
+  """One panel per independent key: the final metric (mean ± std over seeds, and each seed) against it.
 
   Points equal in the other varied keys share a colour (joined by a line
   when the key is numeric: a numeric axis, logarithmic if it spans 10x or more).
   """
   plt = _pyplot()
-  keys = list(points[0]['values'])
+  keys = independent_keys(points)
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   scale = _scale(sweep.metric)
@@ -217,18 +233,20 @@ def plot_points(sweep: sweep_lib.Sweep, points: Sequence[dict], out: str) -> Non
   """The final metric of every point (mean ± std and each seed), one row per point."""
   plt = _pyplot()
   scale = _scale(sweep.metric)
-  fig, ax = plt.subplots(figsize=(8, 0.45 * len(points) + 1.2))
+  labels = [textwrap.fill(p['label'], 44) for p in points]
+  lines = sum(label.count('\n') + 1 for label in labels)
+  fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.25 * len(points) + 1.2))
   for y, p in enumerate(points):
     if p['mean'] is not None:
       ax.errorbar(scale * p['mean'], y, xerr=scale * p['std'], fmt='o', color='C0', capsize=3)
       ax.plot(scale * np.array(p['finals']), [y] * len(p['finals']), '.', color='C1', alpha=0.6)
   ax.set_yticks(range(len(points)))
-  ax.set_yticklabels([p['label'] for p in points], fontsize=8)
+  ax.set_yticklabels(labels, fontsize=8)
   ax.invert_yaxis()
   ax.set_xlabel(f'final {sweep.metric}' + (' (%)' if scale == 100 else '') + ' (mean ± std; dots: seeds)')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(out, dpi=80)
+  fig.savefig(out, dpi=80, bbox_inches='tight')  # Long labels.
   plt.close(fig)
 
 
@@ -266,6 +284,8 @@ def build_report(sweep: sweep_lib.Sweep, workdir: str) -> str:
   if any(p['mean'] is not None for p in points):
     figures = {f'{stem}_by_key.png': plot_by_key, f'{stem}_by_point.png': plot_points,
                'curves.png': plot_training_curves}
+    if not independent_keys(points):  # Explicit points only: the by-point plot says it all.
+      del figures[f'{stem}_by_key.png']
     for name, plot in figures.items():
       plot(sweep, points, os.path.join(workdir, name))
     outputs += list(figures)
