@@ -65,8 +65,12 @@ def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkey
   # Interrupt the sweep once trial 1 is training (trial 0 has finished by then).
   process = subprocess.Popen(sweep_command(sweep_file, workdir), cwd=REPO, env=one_device_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  def training(metrics=second / 'metrics.jsonl'):
+    # The launcher creates the file before its loop; a first row means the loop has started.
+    return metrics.exists() and metrics.read_text().count('\n') >= 1
+
   deadline = time.time() + 120
-  while not (second / 'metrics.jsonl').exists() and process.poll() is None and time.time() < deadline:
+  while not training() and process.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=120)
@@ -79,8 +83,9 @@ def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkey
   done_mtime = (first / sweep.DONE_FILE).stat().st_mtime_ns
   metrics_mtime = (first / 'metrics.jsonl').stat().st_mtime_ns
 
-  # The same command again: trial 0 is skipped, trial 1 resumes, 2 and 3 run, the report is built.
-  result = subprocess.run(sweep_command(sweep_file, workdir, '--parallel', '2'), cwd=REPO,
+  # The same command again: trial 0 is skipped, trial 1 resumes, 2 and 3 run (all three at once:
+  # start-up is mostly single-threaded), the report is built.
+  result = subprocess.run(sweep_command(sweep_file, workdir, '--parallel', '3'), cwd=REPO,
                           env=one_device_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert '1 already finished (skipped), 3 to run' in result.stdout
