@@ -68,9 +68,13 @@ def compile_step(config, mesh) -> tuple[Any, Any]:
 def main(argv: list[str]) -> None:
   del argv
   from vit_jax import sharding
+  from vit_jax.errors import UsageError
   config = _CONFIG.value
-  mesh = sharding.make_mesh(config)
-  run, compiled = compile_step(config, mesh)
+  try:
+    mesh = sharding.make_mesh(config)
+    run, compiled = compile_step(config, mesh)
+  except UsageError as e:
+    raise SystemExit(f'error: {e}') from None
   values = report(run.abstract_state, run.state_sharding, compiled)
   print(f'{config.model.variant}, batch {config.batch_size} on {mesh.size} devices '
         f'(data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}, '

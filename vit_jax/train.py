@@ -115,8 +115,11 @@ def evaluate(eval_fn, params, config, split, batch_sharding) -> dict[str, float]
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  """Writes workdir/config.json aside and renames it: a failed write keeps the previous one."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  os.replace(path + '.tmp', path)
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -197,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics."""
   mesh = sharding.make_mesh(config)
   run = setup(config, mesh)
-  checkpoint.check_workdir(workdir, config)
+  checkpoint.check_workdir(workdir, config, run.abstract_state)
   is_main = jax.process_index() == 0
 
   # Data next: a missing dataset fails before anything is compiled or written.
@@ -209,18 +212,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_split = input_pipeline.open_split(config.dataset, config.dataset.train_split)
   eval_split = input_pipeline.open_split(config.dataset, config.dataset.eval_split)
 
-  os.makedirs(workdir, exist_ok=True)
   init_rng, dropout_rng = seed_rngs(config)
-  manager = checkpoint.create_manager(workdir, config)
-  abstract_placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 run.abstract_state, run.state_sharding)
-  state = checkpoint.restore_latest(manager, abstract_placed)
-  if state is None:
+
+  def fresh_state() -> TrainState:
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_rng)
     # Fine-tuning hook: pretrained params from config.init.path (no-op when '').
-    state = checkpoint.init_from_pretrained(state, config)
-  elif is_main:
-    print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)
+    return checkpoint.init_from_pretrained(state, config)
+
+  # A new run builds its state (and reads any pretrained file) before it
+  # writes anything, so a bad config.init.path leaves no trace.
+  state = None if checkpoint.has_checkpoints(workdir) else fresh_state()
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoint.create_manager(workdir, config)
+  if state is None:
+    abstract_placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   run.abstract_state, run.state_sharding)
+    state = checkpoint.restore_latest(manager, abstract_placed)
+    if state is None:  # Every checkpoint was damaged and set aside.
+      state = fresh_state()
+    elif is_main:
+      print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)
   start_step = int(state.step)
   if is_main:
     _write_config(config, workdir)
@@ -283,7 +294,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'{step} in {workdir}; run the same command to resume.', flush=True)
           break
   finally:
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+    checkpoint.finish(manager)
   return final

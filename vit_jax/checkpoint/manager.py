@@ -9,6 +9,7 @@ next older one is used.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -46,12 +47,35 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: Optional[dict[str, float]] = None) -> None:
-  """Starts an asynchronous save of `state` at `step`, with eval metrics for best-keeping."""
+  """Starts an asynchronous save of `state` at `step`, with eval metrics for best-keeping.
+
+  A write error (full disk, read-only directory) of this save or of the
+  previous one, still in flight, becomes a UsageError; the checkpoints already
+  written stay, and the half-written one is an orbax temporary directory that
+  restores ignore.
+  """
   try:
     manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
-  except OSError as e:
-    raise UsageError(f'Cannot write the checkpoint of step {step} to {manager.directory}: {e}. '
-                     'Free disk space or choose another --workdir.') from None
+  except Exception as e:  # Orbax and tensorstore raise OSError, ValueError, ...
+    raise _write_error(manager, e) from None
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last asynchronous save and closes `manager`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _write_error(manager, e) from None
+  manager.close()
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> UsageError:
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  # Tensorstore wraps the OS error: '... Failed to write N bytes to file 8: File too large [os_error_code=...]'.
+  found = re.search(r': ([^:\[]+?) \[os_error_code', message)
+  reason = found.group(1) if found else message[:300]
+  return UsageError(f'Cannot write a checkpoint to {manager.directory}: {reason}. Free disk space or '
+                    'choose another --workdir; the checkpoints already written are kept.')
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Optional[Any]:
@@ -91,11 +115,19 @@ def _lookup(config: dict, dotted: str) -> Any:
   return config
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir/checkpoints` holds at least one finished step directory."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any = None) -> None:
   """Fails, before anything is written, if `workdir` cannot be used for this config.
 
-  A workdir must be writable, and if it already holds checkpoints they must
-  come from the same model (same MODEL_KEYS in its config.json).
+  A workdir must be writable, have room for two checkpoints of
+  `abstract_state` (one being written while the previous is kept), and if it
+  already holds checkpoints they must come from the same model (same
+  MODEL_KEYS in its config.json).
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f'--workdir {workdir} is a file, not a directory; choose another path.')
@@ -108,11 +140,16 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   except OSError as e:
     raise UsageError(f'--workdir {workdir} is not writable ({e.strerror}); choose a writable '
                      'directory with free space.') from None
+  if abstract_state is not None:
+    needed = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    free = shutil.disk_usage(probe_dir).free
+    if free < needed:
+      raise UsageError(f'--workdir {workdir} has {free / 2**20:,.1f} MiB free, but two checkpoints of '
+                       f'this model need {needed / 2**20:,.1f} MiB; free space or choose another '
+                       '--workdir.')
 
   saved_path = os.path.join(workdir, 'config.json')
-  has_checkpoints = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
-      name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
-  if not (has_checkpoints and os.path.exists(saved_path)):
+  if not (has_checkpoints(workdir) and os.path.exists(saved_path)):
     return
   with open(saved_path) as f:
     saved = json.load(f)

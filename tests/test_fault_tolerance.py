@@ -1,0 +1,274 @@
+"""Killed, preempted, damaged, diverged or badly configured runs never lose work.
+
+The kill-and-resume test runs the real launcher in subprocesses and kills it
+with SIGKILL and SIGTERM at random steps; the other tests use real orbax
+checkpoints in temporary workdirs.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from tests.conftest import REPO
+from vit_jax import checkpoint, sharding, train
+from vit_jax.errors import UsageError
+from vit_jax.models import model_from_config
+
+TOTAL_STEPS = 40
+RUN_FLAGS = ('--config.batch_size=128', '--config.log_every_steps=1', '--config.eval_every_steps=16',
+             '--config.checkpoint_every_steps=4', '--config.model.dropout_rate=0.1',
+             f'--config.total_steps={TOTAL_STEPS}')
+
+
+def command(workdir, data_dir, *overrides):
+  return [sys.executable, '-m', 'vit_jax.main', '--config', 'configs/base.py', '--workdir', str(workdir),
+          f'--config.dataset.data_dir={data_dir}', *overrides]
+
+
+def environment(devices=8):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              TF_CPP_MIN_LOG_LEVEL='2')
+
+
+def run_until(workdir, data_dir, stop_step, sig):
+  """Starts the launcher and sends `sig` once it reports step >= `stop_step`; returns (rc, stdout)."""
+  process = subprocess.Popen(command(workdir, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if line.startswith('step ') and int(line.split()[1].split('/')[0]) >= stop_step:
+      process.send_signal(sig)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  return process.returncode, ''.join(lines) + stdout, stderr
+
+
+def run_config(data_dir):
+  """The config the launcher builds from RUN_FLAGS, for restoring its checkpoints here."""
+  config = base.get_config()
+  config.dataset.data_dir = data_dir
+  config.batch_size = 128
+  config.total_steps = TOTAL_STEPS
+  config.model.dropout_rate = 0.1
+  return config
+
+
+def final_state(workdir, config):
+  run = train.setup(config, sharding.make_mesh(config))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          run.abstract_state, run.state_sharding)
+  return checkpoint.restore_latest(checkpoint.create_manager(str(workdir), config), abstract)
+
+
+def metric_rows(workdir):
+  """metrics.jsonl rows without the wall-clock throughput, which no two runs share."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [{k: v for k, v in row.items() if k != 'train/images_per_sec'} for row in rows]
+
+
+def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_path, data_dir):
+  reference = tmp_path / 'reference'
+  result = subprocess.run(command(reference, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  # SIGKILL, then SIGTERM (preemption), then SIGKILL again, each at a random step.
+  rng = random.Random()
+  first, second, third = sorted(rng.sample(range(2, TOTAL_STEPS - 4), 3))
+  plan = f'(signals at steps {first}, {second}, {third})'
+  interrupted = tmp_path / 'interrupted'
+  rc, stdout, stderr = run_until(interrupted, data_dir, first, signal.SIGKILL)
+  assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
+
+  rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
+  assert rc == 0, (plan, stderr[-3000:])
+  saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
+  assert 'Received SIGTERM' in stdout and saved >= second, plan
+  assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
+
+  rc, stdout, stderr = run_until(interrupted, data_dir, third, signal.SIGKILL)
+  assert f'Resuming from the checkpoint at step {saved}' in stdout, plan
+  result = subprocess.run(command(interrupted, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, (plan, result.stderr[-3000:])
+  assert 'Resuming from the checkpoint' in result.stdout, plan
+
+  config = run_config(data_dir)
+  expected, actual = final_state(reference, config), final_state(interrupted, config)
+  assert int(actual.step) == int(expected.step) == TOTAL_STEPS
+  for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
+                  jax.tree.leaves((expected.params, expected.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=plan)  # Bitwise.
+  assert metric_rows(interrupted) == metric_rows(reference), plan
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config, workdir)  # Checkpoints at steps 3 and 6.
+  # Truncate the array data of step 6, and leave the kind of temporary
+  # directory that a crash in the middle of a write leaves.
+  for root, _, names in os.walk(os.path.join(workdir, 'checkpoints', '6')):
+    for name in names:
+      if os.path.basename(root) == 'd':  # Array data files.
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(os.path.getsize(f.name) // 2)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '9.orbax-checkpoint-tmp-1700000000000000'))
+  capsys.readouterr()
+
+  tiny_config.total_steps = 9
+  final = train.train_and_evaluate(tiny_config, workdir)
+  out = capsys.readouterr().out
+  assert 'Checkpoint at step 6 is damaged' in out
+  assert 'Resuming from the checkpoint at step 3' in out
+  assert os.listdir(os.path.join(workdir, 'corrupt_checkpoints')) == ['6']
+  assert final['eval/num_examples'] == 360
+  assert '9' in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def test_divergence_stops_with_the_step_and_keeps_only_finite_checkpoints(tiny_config, tmp_path):
+  tiny_config.optimizer.name = 'sgd'
+  tiny_config.optimizer.learning_rate = 1e8  # Forces an overflow within a few steps.
+  tiny_config.optimizer.grad_clip_norm = 0.0
+  tiny_config.total_steps = 30
+  tiny_config.log_every_steps = 5
+  tiny_config.checkpoint_every_steps = 1
+  tiny_config.eval_every_steps = 100
+  with pytest.raises(train.DivergenceError, match=r'diverged at step (\d+)') as error:
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  diverged = int(str(error.value).split('diverged at step ')[1].split(':')[0])
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert steps and steps[-1] == diverged - 1  # Every step before is kept, the bad one never saved.
+  state = final_state(tmp_path, tiny_config)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+# --- Bad input: a clear one-line error, exit code 2, and the saved run untouched. ---
+
+
+def snapshot(directory):
+  """Path -> (sha256, mtime) of every file under `directory`."""
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, directory)] = (hashlib.sha256(f.read()).hexdigest(),
+                                                   os.stat(path).st_mtime_ns)
+  return files
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory, data_dir):
+  """A finished 4-step run of configs/base.py, and a snapshot of its files."""
+  workdir = tmp_path_factory.mktemp('saved') / 'run'
+  config = base.get_config()
+  config.dataset.data_dir = data_dir
+  config.batch_size = 32
+  config.total_steps = 4
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 4
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, snapshot(workdir)
+
+
+def launch_bad(workdir, data_dir, *overrides, prefix=()):
+  result = subprocess.run([*prefix, *command(workdir, data_dir, '--config.batch_size=32',
+                                             '--config.total_steps=6', *overrides)],
+                          cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  return result.returncode, errors
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.batch_sise=32', 'batch_sise'),
+    ('--config.batch_size=many', 'many'),
+    ('--config.input.image_size=9', 'image_size=9 is not divisible by the patch size 2'),
+    ('--config.batch_size=12', 'batch_size=12 is not divisible by the 8 devices; use a multiple of 8'),
+    ('--config.model.hidden_size=48', 'holds checkpoints of a different model (model: saved'),
+    ('--config.dataset.name=cifar10', "'cifar10' is not prepared"),
+])
+def test_bad_flags_leave_the_saved_run_untouched(saved_run, data_dir, override, message):
+  workdir, before = saved_run
+  rc, errors = launch_bad(workdir, data_dir, override)
+  if override.startswith(('--config.batch_sise', '--config.batch_size=many')):
+    # Rejected by the config flag parser itself, before vit_jax runs.
+    assert rc != 0
+  else:
+    assert rc == 2 and len(errors) == 1 and message in errors[0], errors
+  assert snapshot(workdir) == before
+
+
+def test_read_only_workdir_is_refused_untouched(saved_run, data_dir):
+  workdir, before = saved_run
+  modes = {}
+  for root, dirs, _ in os.walk(workdir):
+    for path in [root] + [os.path.join(root, d) for d in dirs]:
+      modes[path] = os.stat(path).st_mode
+      os.chmod(path, 0o555)
+  try:
+    # As root, permissions bind only without CAP_DAC_OVERRIDE: drop it for the child.
+    rc, errors = launch_bad(workdir, data_dir, prefix=(
+        'setpriv', '--bounding-set=-dac_override,-dac_read_search', '--inh-caps=-all', '--'))
+  finally:
+    for path, mode in modes.items():
+      os.chmod(path, mode)
+  assert rc == 2 and len(errors) == 1 and 'is not writable (Permission denied)' in errors[0], errors
+  assert snapshot(workdir) == before
+
+
+def test_full_workdir_fails_cleanly_and_keeps_the_previous_checkpoints(saved_run, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(saved_run[0], workdir)
+  before = snapshot(workdir)
+  limit = 64 * 1024  # Bytes per file: config.json fits, a checkpoint's arrays do not.
+  rc, errors = launch_bad(workdir, data_dir, '--config.checkpoint_every_steps=2',
+                          prefix=('prlimit', f'--fsize={limit}', '--'))
+  assert rc == 2 and len(errors) == 1, errors
+  assert 'Cannot write a checkpoint to' in errors[0] and 'File too large' in errors[0], errors
+  after = snapshot(workdir)
+  for path, (digest, _) in before.items():
+    if path.startswith('checkpoints/'):
+      assert after[path][0] == digest, path
+  assert json.loads((workdir / 'config.json').read_text())['total_steps'] == 6  # Whole, not cut.
+  # The next run with room resumes from the last good checkpoint.
+  assert int(final_state(workdir, run_config(data_dir)).step) == 4
+
+
+def test_free_space_is_checked_against_the_checkpoint_size(tmp_path):
+  huge = {'params': jax.ShapeDtypeStruct((2**50,), np.float32)}
+  with pytest.raises(UsageError, match='MiB free, but two checkpoints of this model need'):
+    checkpoint.check_workdir(str(tmp_path / 'run'), base.get_config(), huge)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('write,message', [
+    (None, 'does not exist'),
+    (lambda path: path.write_bytes(b'not a zip file'), 'Cannot read'),
+    ('wrong_shapes', 'does not fit the model'),
+])
+def test_bad_pretrained_file_fails_before_the_workdir_is_created(tiny_config, tmp_path, write, message):
+  path = tmp_path / 'pretrained.npz'
+  if write == 'wrong_shapes':  # A complete published-layout file of a wider model.
+    tiny_config.model.hidden_size = 48
+    model = model_from_config(tiny_config)
+    params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+    checkpoint.save_npz(params, str(path))
+    tiny_config.model.hidden_size = None
+  elif write is not None:
+    write(path)
+  tiny_config.init.path = str(path)
+  workdir = tmp_path / 'run'
+  with pytest.raises(UsageError, match=message):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert not workdir.exists()
