@@ -78,39 +78,47 @@ def metric_rows(workdir):
 
 
 def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_path, data_dir):
+  # The uninterrupted run goes on beside the interrupted ones.
   reference = tmp_path / 'reference'
-  result = subprocess.run(command(reference, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  reference_log = open(tmp_path / 'reference.log', 'w+')
+  reference_run = subprocess.Popen(command(reference, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
+                                   stdout=subprocess.DEVNULL, stderr=reference_log)
+  try:
+    # SIGKILL, then SIGTERM (preemption), then SIGKILL again, each at a random step.
+    rng = random.Random()
+    first, second, third = sorted(rng.sample(range(2, TOTAL_STEPS - 4), 3))
+    plan = f'(signals at steps {first}, {second}, {third})'
+    interrupted = tmp_path / 'interrupted'
+    rc, stdout, stderr = run_until(interrupted, data_dir, first, signal.SIGKILL)
+    assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
 
-  # SIGKILL, then SIGTERM (preemption), then SIGKILL again, each at a random step.
-  rng = random.Random()
-  first, second, third = sorted(rng.sample(range(2, TOTAL_STEPS - 4), 3))
-  plan = f'(signals at steps {first}, {second}, {third})'
-  interrupted = tmp_path / 'interrupted'
-  rc, stdout, stderr = run_until(interrupted, data_dir, first, signal.SIGKILL)
-  assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
+    rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
+    assert rc == 0, (plan, stderr[-3000:])
+    saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
+    assert 'Received SIGTERM' in stdout and saved >= second, plan
+    assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
 
-  rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
-  assert rc == 0, (plan, stderr[-3000:])
-  saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
-  assert 'Received SIGTERM' in stdout and saved >= second, plan
-  assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
+    rc, stdout, stderr = run_until(interrupted, data_dir, third, signal.SIGKILL)
+    assert f'Resuming from the checkpoint at step {saved}' in stdout, plan
+    result = subprocess.run(command(interrupted, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (plan, result.stderr[-3000:])
+    assert 'Resuming from the checkpoint' in result.stdout, plan
 
-  rc, stdout, stderr = run_until(interrupted, data_dir, third, signal.SIGKILL)
-  assert f'Resuming from the checkpoint at step {saved}' in stdout, plan
-  result = subprocess.run(command(interrupted, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, (plan, result.stderr[-3000:])
-  assert 'Resuming from the checkpoint' in result.stdout, plan
-
-  config = run_config(data_dir)
-  expected, actual = final_state(reference, config), final_state(interrupted, config)
-  assert int(actual.step) == int(expected.step) == TOTAL_STEPS
-  for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
-                  jax.tree.leaves((expected.params, expected.opt_state))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=plan)  # Bitwise.
-  assert metric_rows(interrupted) == metric_rows(reference), plan
+    reference_run.wait(timeout=300)
+    reference_log.seek(0)
+    assert reference_run.returncode == 0, reference_log.read()[-3000:]
+    config = run_config(data_dir)
+    expected, actual = final_state(reference, config), final_state(interrupted, config)
+    assert int(actual.step) == int(expected.step) == TOTAL_STEPS
+    for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
+                    jax.tree.leaves((expected.params, expected.opt_state))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=plan)  # Bitwise.
+    assert metric_rows(interrupted) == metric_rows(reference), plan
+  finally:
+    if reference_run.poll() is None:
+      reference_run.kill()
+    reference_log.close()
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):

@@ -62,9 +62,8 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
   assert third.returncode == 0 and 'step' not in third.stdout.split('Resuming')[-1].split('\n', 1)[-1]
 
 
+# More bad inputs, against a workdir that holds a run: tests/test_fault_tolerance.py.
 @pytest.mark.parametrize('override,message', [
-    ('--config.batch_sise=32', 'batch_sise'),
-    ('--config.input.image_size=9', 'image_size=9 is not divisible by the patch size 2'),
     ('--config.batch_size=12', 'batch_size=12 is not divisible by the 8 devices'),
     ('--config.dataset.name=cifar10', "'cifar10' is not prepared"),
 ])
