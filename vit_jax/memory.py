@@ -67,6 +67,9 @@ def compile_step(config, mesh) -> tuple[Any, Any]:
 
 def main(argv: list[str]) -> None:
   del argv
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # As the launcher: no INFO lines from JAX and TF.
   from vit_jax import sharding
   from vit_jax.errors import UsageError
   config = _CONFIG.value
