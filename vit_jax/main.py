@@ -5,6 +5,7 @@ Several processes (hosts) join one run with --coordinator_address,
 cluster itself (SLURM, TPU pods).
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -36,10 +37,29 @@ def main(argv):
                                     auto=_MULTIHOST.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (UsageError, train.DivergenceError) as e:
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every bad flag or config override as one line and exit code 2.
+
+  A misspelt config key surfaces from ml_collections as an AttributeError that
+  carries a suggestion, a bad value as a flags error: both become `error: ...`.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
+    if isinstance(e, (AttributeError, KeyError)):
+      key = re.search(r"'([^']+)'", text)
+      guess = re.search(r'Did you mean "([^"]+)"', text)
+      text = (f'unknown config key {key.group(1) if key else text!r}'
+              + (f' (did you mean "{guess.group(1)}"?)' if guess else '')
+              + '; every key is declared in configs/base.py')
+    print(f'error: {text}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
