@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_registers = 0  # Learned register tokens after the class token (Darcet et al. 2023); 0 for none.
   config.model.qk_norm = False  # LayerNorm on queries and keys per head before the dot product (ViT-22B).
   config.model.layerscale = ml_collections.FieldReference(None, field_type=float)  # Initial LayerScale of residual branches (e.g. 1e-4); None for none.
-  config.model.remat = False  # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+  config.model.remat = ml_collections.FieldReference(False, field_type=object)  # Recompute block activations in the backward pass: False/'none', True/'full' (least memory, ~30% more compute), or a jax.checkpoint_policies name ('dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable').
   config.model.scan = False  # One nn.scan over the blocks: compile time independent of depth (params stacked per layer).
 
   # Fine-tuning: start from pretrained parameters instead of a random init (only

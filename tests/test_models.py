@@ -220,3 +220,41 @@ def test_fused_and_reference_agree_on_cross_attention_with_relative_error():
   ref, weights = jax.jit(reference_attention)(q, k, v)
   assert weights.shape == (4, 8, 1, 197)
   assert float(jnp.linalg.norm(fused - ref) / jnp.linalg.norm(ref)) < 1e-5
+
+
+def test_remat_policies_keep_loss_and_gradients():
+  """Every remat setting computes the same function: only what is stored for the backward pass differs."""
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  labels = jnp.array([1, 3])
+  params = jax.jit(create_model('tiny/4', 5).init)(jax.random.key(0), images)['params']
+  # A non-zero head, so that gradients reach every block.
+  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+
+  def loss_and_grads(remat):
+    model = create_model('tiny/4', 5, remat=remat)
+
+    def loss(p):
+      logits = model.apply({'params': p}, images, train=True)[0]
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  expected_loss, expected_grads = loss_and_grads(False)
+  for remat in (True, 'none', 'full', 'nothing_saveable', 'dots_saveable',
+                'dots_with_no_batch_dims_saveable'):
+    loss, grads = loss_and_grads(remat)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6, err_msg=str(remat))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(remat)),
+                 grads, expected_grads)
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+  model = create_model('tiny/4', 5, remat='dots')
+  with pytest.raises(ValueError, match="Unknown remat policy 'dots'; use False, True or one of none, full"):
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  from configs import base
+  from vit_jax.errors import UsageError
+  from vit_jax.models import model_from_config
+  config = base.get_config()
+  config.model.remat = 'dot_saveable'
+  with pytest.raises(UsageError, match="config.model.remat: Unknown remat policy 'dot_saveable'.*dots_saveable"):
+    model_from_config(config)

@@ -8,7 +8,7 @@ patch size of 16 pixels. Sizes are those of Table 1 of Dosovitskiy et al.
 
 from typing import Any
 
-from vit_jax.models.vit import VisionTransformer
+from vit_jax.models.vit import VisionTransformer, remat_policy
 
 # size: (hidden_size, num_layers, mlp_dim, num_heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -73,6 +73,10 @@ def model_from_config(config) -> VisionTransformer:
   for key, valid in checks.items():
     if m[key] not in valid:
       raise UsageError(f'config.model.{key}={m[key]!r}; use one of {", ".join(valid)}.')
+  try:
+    remat_policy(m.remat)
+  except ValueError as e:
+    raise UsageError(f'config.model.remat: {e}') from None
   if m.num_registers < 0:
     raise UsageError(f'config.model.num_registers={m.num_registers} is negative; use 0 or more.')
   model = create_model(

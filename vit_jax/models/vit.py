@@ -13,7 +13,7 @@ layout); `stack_blocks` / `unstack_blocks` convert between the two layouts, and
 the checkpoint code always reads and writes the per-block one.
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -24,12 +24,41 @@ from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBloc
                                    MultiHeadDotProductAttention, drop_path, reference_attention,
                                    sincos_2d_posemb)
 
-__all__ = ['Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
-           'sincos_2d_posemb', 'stack_blocks', 'unstack_blocks']
+__all__ = ['REMAT_POLICIES', 'Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
+           'remat_policy', 'sincos_2d_posemb', 'stack_blocks', 'unstack_blocks']
 
 Array = jax.Array
 DType = Any
 POOLS = ('token', 'gap', 'map')
+
+# Names of `config.model.remat` -> what the backward pass may keep of each
+# block's forward pass (a `jax.checkpoint` policy); the rest is recomputed.
+# 'full' keeps only the block's input (None: jax.checkpoint's default).
+# Saving the matmul outputs ('dots_...') recomputes only the cheap
+# element-wise work; 'dots_with_no_batch_dims_saveable' keeps the projections
+# and MLP products but recomputes attention's batched (batch, heads) products.
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    'full': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: Union[bool, str]) -> tuple[bool, Optional[Callable]]:
+  """(whether blocks are rematerialised, their `jax.checkpoint` policy) for `config.model.remat`.
+
+  `False`/'none': no rematerialisation; `True`/'full': recompute everything;
+  other names: `REMAT_POLICIES`. Raises ValueError for anything else.
+  """
+  if remat is False or remat == 'none':
+    return False, None
+  if remat is True:
+    return True, None
+  if isinstance(remat, str) and remat in REMAT_POLICIES:
+    return True, REMAT_POLICIES[remat]
+  raise ValueError(f'Unknown remat policy {remat!r}; use False, True or one of '
+                   f'{", ".join(["none", *REMAT_POLICIES])}.')
 
 
 class Encoder1DBlock(nn.Module):
@@ -90,7 +119,7 @@ class Encoder(nn.Module):
   attention: str = 'fused'
   qk_norm: bool = False
   layerscale: Optional[float] = None
-  remat: bool = False
+  remat: Union[bool, str] = False  # See `remat_policy`.
   scan: bool = False
 
   @nn.compact
@@ -113,9 +142,10 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
     block = Encoder1DBlock
-    if self.remat:
+    rematerialise, policy = remat_policy(self.remat)
+    if rematerialise:
       # 0 = self, 1 = x, 2 = drop_path_rate, 3 = train, 4 = return_weights.
-      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3, 4))
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3, 4), policy=policy)
     options = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                    attention_dropout_rate=self.attention_dropout_rate,
                    use_drop_path=self.stochastic_depth > 0, dtype=self.dtype,
@@ -169,7 +199,7 @@ class VisionTransformer(nn.Module):
   num_registers: int = 0
   qk_norm: bool = False
   layerscale: Optional[float] = None  # Initial LayerScale value; None: no LayerScale.
-  remat: bool = False
+  remat: Union[bool, str] = False  # False, True or a policy name: see `remat_policy`.
   scan: bool = False
 
   @property
