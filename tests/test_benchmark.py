@@ -1,0 +1,120 @@
+"""vit_jax.benchmark on the tiny variant, and the side-by-side script without torch."""
+
+import json
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+
+from vit_jax import benchmark, benchmark_timm
+from vit_jax.models import create_model
+
+# A small program: its XLA FLOP count is dominated by the matmuls, as a real model's.
+TINY = ['--variant', 'tiny/4', '--image_size', '32', '--batch_size', '8', '--steps', '1',
+        '--repeats', '2', '--ceiling_sizes', '128,256', '--json']
+
+FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_second',
+          'images_per_second_spread', 'step_seconds', 'step_seconds_all', 'compile_seconds',
+          'flops_per_image', 'matmul_flops_per_image', 'achieved_flops_per_second',
+          'ceiling_flops_per_second', 'mfu', 'peak_memory_bytes', 'peak_memory_source', 'devices',
+          'num_params', 'xla_flags', 'jax_version', 'date'}
+
+
+@pytest.mark.parametrize('mode', ['train', 'inference'])
+def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
+  assert benchmark.main([*TINY, '--mode', mode]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert FIELDS <= set(result)
+  assert result['mode'] == mode and result['num_params'] > 0
+  assert len(result['step_seconds_all']) == 2
+  assert result['step_seconds']['min'] <= result['step_seconds']['median'] <= result['step_seconds']['max']
+  assert result['images_per_second'] > 0 and 0 < result['mfu']
+  assert result['peak_memory_bytes'] > 0
+  # XLA counts the whole program (softmax, GELU, LayerNorm, the optimizer);
+  # the analytic count only the products. Same order of magnitude, XLA's above.
+  ratio = result['flops_per_image'] / result['matmul_flops_per_image']
+  assert 1.0 <= ratio < 2.5, ratio
+  assert result['achieved_flops_per_second'] == pytest.approx(
+      result['flops_per_image'] * result['images_per_second'])
+
+
+def test_analytic_flops_of_b16():
+  """The published ViT-B/16 forward cost: 17.6 GFLOPs as multiply-adds, i.e. ~35 G operations."""
+  model = create_model('B/16', 1000)
+  forward = benchmark.matmul_flops_per_image(model, 224, 'inference')
+  assert forward / 2 == pytest.approx(17.56e9, rel=0.01)
+  assert benchmark.matmul_flops_per_image(model, 224, 'train') == pytest.approx(3 * forward, rel=0.01)
+
+
+def test_benchmark_text_output_and_bad_flags(capsys):
+  result = {'variant': 'tiny/4', 'mode': 'train', 'dtype': 'float32', 'batch_size': 8, 'image_size': 32,
+            'attention': 'fused', 'num_params': 1000, 'devices': '8 x cpu', 'images_per_second': 10.0,
+            'images_per_second_spread': {'min': 9.0, 'max': 11.0}, 'repeats': 2, 'steps': 1,
+            'step_seconds': {'median': 0.8, 'min': 0.7, 'max': 0.9}, 'compile_seconds': 1.5,
+            'flops_per_image': 2e9, 'matmul_flops_per_image': 1.8e9, 'achieved_flops_per_second': 2e10,
+            'ceiling_flops_per_second': {'median': 1e11, 'min': 9e10, 'max': 1.1e11},
+            'ceiling_matmul_sizes': [1024, 2048], 'mfu': 0.2, 'peak_memory_bytes': 2**30,
+            'peak_memory_source': 'plan', 'process_peak_rss_bytes': 2**31}
+  text = benchmark.format_result(result)
+  assert 'images/s: 10.00' in text and 'MFU 20.0%' in text and '1.000 GiB' in text
+  assert benchmark.main(['--steps', '0']) == 2
+  assert '--steps=0 must be positive' in capsys.readouterr().err
+  assert benchmark.main(['--variant', 'Q/16', '--image_size', '32']) == 2
+  assert 'Unknown model variant' in capsys.readouterr().err
+
+
+def test_side_by_side_rows_and_table():
+  row = benchmark_timm.make_row('B/16', 'train', 8, [2.0, 4.0, 5.0], [1.0, 1.6, 3.0], flops_per_image=1e9)
+  assert row['vit_jax_images_per_second'] == 2.0 and row['timm_images_per_second'] == 5.0
+  assert row['ratio'] == pytest.approx(0.4)  # vit_jax / timm images per second.
+  assert row['vit_jax_step_seconds'] == {'median': 4.0, 'min': 2.0, 'max': 5.0}
+  assert row['timm_flops_per_second'] == 5e9
+  faster = benchmark_timm.make_row('Ti/16', 'inference', 8, [0.5], [1.0])
+  table = benchmark_timm.format_table([row, faster]).splitlines()
+  assert len(table) == 4 and 'vit_jax/timm' in table[0]
+  assert table[2].split()[:6] == ['B/16', 'train', '8', '2.00', '5.00', '0.40x']
+  assert table[3].split()[5:] == ['2.00x', '-', '-']  # No FLOP count given: no FLOP/s.
+  options = benchmark_timm.timm_model_options(
+      dict(hidden_size=192, num_layers=12, mlp_dim=768, num_heads=3, patch_size=16), 224)
+  assert options == dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                         mlp_ratio=4.0, num_classes=1000)
+
+
+def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
+  """The real vit_jax worker against a stand-in for timm's python that answers as the torch worker."""
+  fake = tmp_path / 'python'
+  fake.write_text(textwrap.dedent(f'''\
+      #!{sys.executable}
+      import json, sys
+      print('a library banner that is not JSON')
+      print(json.dumps({{'ready': True, 'torch': 'fake', 'timm': 'fake', 'threads': 2, 'num_params': 1}}), flush=True)
+      for line in sys.stdin:
+        if line.strip() != 'run':
+          break
+        print(json.dumps({{'seconds': 0.5}}), flush=True)
+      '''))
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  env = os.environ.copy()
+  try:  # The worker is a fresh process: one CPU device is plenty for tiny/4.
+    os.environ['XLA_FLAGS'] = ''
+    assert benchmark_timm.main(['--variants', 'tiny/4', '--modes', 'inference', '--image_size', '32',
+                                '--steps', '2', '--repeats', '3', '--timm_python', str(fake),
+                                '--json']) == 0
+  finally:
+    os.environ.clear()
+    os.environ.update(env)
+  row = json.loads(capsys.readouterr().out)
+  assert row['timm_step_seconds']['median'] == 0.25  # 0.5 s per run of 2 steps.
+  assert row['timm_images_per_second'] == 32.0 and row['torch'] == 'fake'
+  assert row['vit_jax_images_per_second'] > 0 and row['vit_jax_flops_per_second'] > 0
+  assert row['ratio'] == pytest.approx(row['vit_jax_images_per_second'] / 32.0)
+  assert 'torch' not in sys.modules
+
+
+def test_side_by_side_bad_input(capsys):
+  assert benchmark_timm.main(['--timm_python', '/nonexistent/python']) == 2
+  assert 'does not exist' in capsys.readouterr().err
+  assert benchmark_timm.main(['--timm_python', sys.executable, '--modes', 'train,eval']) == 2
+  assert '--modes has eval' in capsys.readouterr().err

@@ -1,0 +1,305 @@
+"""Throughput of vit_jax's real train step (or forward pass), against this device's matmul ceiling.
+
+  python -m vit_jax.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
+      [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5] [--json]
+
+Builds the train step exactly as training does (`train.setup`: the model of
+`config.model`, AdamW with clipping from `vit_jax.optim`, donated state, one
+jit over the device mesh) on synthetic data, compiles it once, runs a warm-up
+step, then times `--repeats` runs of `--steps` steps each. After each run it
+times square matmuls of the same dtype (`--ceiling_sizes`; the fastest of
+them is the ceiling), so the model and the ceiling see the same load on a
+shared machine. Prints images/s, step time
+(median, min, max over the runs), compile time, FLOPs per image from XLA's cost
+analysis of the compiled program (a multiply-add counts 2) next to the
+analytic matmul count, achieved FLOP/s, MFU (achieved / median ceiling) and peak
+memory: `device.memory_stats()` where the device has it (GPU, TPU), else the
+compiled program's memory analysis (arguments + outputs + temporaries -
+donated) and the process's peak RSS, and says which.
+
+`--serve` turns the process into a worker for side-by-side runs
+(`vit_jax.benchmark_timm`): it builds and warms up once, prints one JSON
+line, then answers each `run` line on stdin with one timed run.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+# train imports TensorFlow (input pipeline), which the benchmark never runs: keep it quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # Only silences TF's start-up notice.
+
+MODES = ('train', 'inference')
+DTYPES = ('float32', 'bfloat16')
+
+
+def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str, attention: str):
+  """The base config with the benchmark's model, resolution and batch (1000 classes, as ImageNet)."""
+  from configs import base
+  config = base.get_config()
+  config.model.variant = variant
+  config.model.dtype = dtype
+  config.model.attention = attention
+  config.input.image_size = image_size
+  config.batch_size = batch_size
+  config.eval_batch_size = batch_size
+  config.dataset.num_classes = 1000
+  config.total_steps = 10_000  # Keeps the learning rate in its warm-up/cosine range; no effect on speed.
+  return config
+
+
+def matmul_flops_per_image(model, image_size: int, mode: str) -> float:
+  """Analytic FLOPs of the model's matrix products for one image (a multiply-add counts 2).
+
+  Patch embedding, per block the q/k/v/out projections, q k^T, the weighted
+  sum of values and the two MLP layers, then the head. Training is the
+  forward pass plus twice its work for the two gradients of each product,
+  except the embedding's gradient with respect to the images, which is never
+  computed. Element-wise work (softmax, GELU, LayerNorm, the optimizer) is
+  left out; XLA's count includes it.
+  """
+  d, m, p = model.hidden_size, model.mlp_dim, model.patch_size
+  n = (image_size // p) ** 2 + model.num_prefix_tokens
+  embed = 2 * (image_size // p) ** 2 * p * p * 3 * d
+  block = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
+  forward = embed + model.num_layers * block + 2 * d * model.num_classes
+  return float(forward if mode == 'inference' else 3 * forward - embed)
+
+
+class Workload:
+  """The compiled train step (or forward pass) with its state and batch, ready to time."""
+
+  def __init__(self, variant: str, image_size: int, batch_size: int, dtype: str = 'float32',
+               mode: str = 'train', attention: str = 'fused'):
+    import jax
+    import numpy as np
+
+    from vit_jax import sharding, train
+
+    if mode not in MODES:
+      raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
+    self.mode, self.batch_size = mode, batch_size
+    config = benchmark_config(variant, image_size, batch_size, dtype, attention)
+    mesh = sharding.make_mesh(config)
+    run = train.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
+    self.model = run.model
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    labels = rng.integers(0, 1000, batch_size).astype(np.int32)
+    self.batch = sharding.global_batch({'image': images, 'label': labels}, run.batch_sharding)
+    self.state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
+    self.rng = jax.random.key(1)
+    if mode == 'train':
+      function, args = run.step_fn, (self.state, self.batch, self.rng)
+    else:
+      function = jax.jit(lambda params, images: run.model.apply({'params': params}, images)[0],
+                         in_shardings=(run.state_sharding.params, run.batch_sharding))
+      args = (self.state.params, self.batch['image'])
+    start = time.perf_counter()
+    self.compiled = function.lower(*args).compile()
+    self.compile_seconds = time.perf_counter() - start
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.flops_per_image = float(cost['flops']) * jax.device_count() / batch_size
+    self.matmul_flops_per_image = matmul_flops_per_image(run.model, image_size, mode)
+    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
+    self.devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+    self.run(1)  # Warm-up: first-call allocations and thread-pool start-up.
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps and returns the seconds they took, waiting for the device at the end."""
+    import jax
+    start = time.perf_counter()
+    if self.mode == 'train':
+      for _ in range(steps):
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+      jax.block_until_ready((self.state, metrics))
+    else:
+      for _ in range(steps):
+        logits = self.compiled(self.state.params, self.batch['image'])
+      jax.block_until_ready(logits)
+    return time.perf_counter() - start
+
+  def peak_memory(self) -> tuple[Optional[int], str]:
+    """(bytes, source): the device's own peak where it reports one, else the compiled program's plan."""
+    import jax
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+      return int(stats['peak_bytes_in_use']), 'device.memory_stats peak_bytes_in_use'
+    analysis = self.compiled.memory_analysis()
+    if analysis is None:
+      return None, 'unavailable'
+    planned = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return int(planned), 'compiled.memory_analysis (arguments + outputs + temporaries - donated), per device'
+
+
+class MatmulCeiling:
+  """Times square products of `dtype`, one per size: the fastest is what matmuls reach here.
+
+  Several sizes because no single one is best everywhere: on a 2-core AVX2 CPU
+  1024..2048 reach the cores' FMA peak while 4096 falls ~10% short (its
+  operands spill out of cache); on a GPU the larger sizes win.
+  """
+
+  def __init__(self, dtype: str = 'float32', sizes: tuple[int, ...] = (1024, 2048, 4096)):
+    import jax
+    import jax.numpy as jnp
+    self.products = []  # (flops, compiled, args) per size.
+    for size in sizes:
+      a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+      args = (a, a.T + 1)
+      compiled = jax.jit(jnp.matmul).lower(*args).compile()
+      jax.block_until_ready(compiled(*args))
+      self.products.append((2.0 * size**3, compiled, args))
+
+  def flops_per_second(self, calls: int = 2) -> float:
+    """The best FLOP/s of any size, each timed `calls` times."""
+    import jax
+    best = 0.0
+    for flops, compiled, args in self.products:
+      for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        best = max(best, flops / (time.perf_counter() - start))
+    return best
+
+
+def spread(values: list[float]) -> dict[str, float]:
+  return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], None]] = None
+                  ) -> dict[str, Any]:
+  """Builds, warms up and times the workload of `args`; returns the result record."""
+  import jax
+  workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
+                      args.attention)
+  sizes = tuple(int(size) for size in args.ceiling_sizes.split(',') if size.strip() and int(size))
+  ceiling = MatmulCeiling(args.dtype, sizes) if sizes else None
+  step_seconds, ceilings = [], []
+  for repeat in range(args.repeats):
+    step_seconds.append(workload.run(args.steps) / args.steps)
+    if ceiling is not None:
+      ceilings.append(ceiling.flops_per_second())
+    if on_repeat:
+      on_repeat(repeat)
+  step = spread(step_seconds)
+  images_per_second = args.batch_size / step['median']
+  achieved = workload.flops_per_image * images_per_second
+  memory, memory_source = workload.peak_memory()
+  result = {
+      'variant': args.variant, 'mode': args.mode, 'dtype': args.dtype, 'image_size': args.image_size,
+      'batch_size': args.batch_size, 'attention': args.attention, 'steps': args.steps,
+      'repeats': args.repeats, 'devices': workload.devices, 'num_params': workload.num_params,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'date': time.strftime('%Y-%m-%d %H:%M'),
+      'images_per_second': images_per_second,
+      'images_per_second_spread': {k: args.batch_size / v for k, v in
+                                   (('min', step['max']), ('max', step['min']))},
+      'step_seconds': step, 'step_seconds_all': step_seconds,
+      'compile_seconds': workload.compile_seconds,
+      'flops_per_image': workload.flops_per_image,
+      'matmul_flops_per_image': workload.matmul_flops_per_image,
+      'achieved_flops_per_second': achieved,
+      'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
+      'process_peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      'jax_version': jax.__version__,
+  }
+  if ceilings:
+    median_ceiling = statistics.median(ceilings)
+    result.update({'ceiling_flops_per_second': spread(ceilings), 'ceiling_matmul_sizes': list(sizes),
+                   'mfu': achieved / median_ceiling})
+  return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+  """Human-readable lines of a result record."""
+  step = r['step_seconds']
+  lines = [
+      f'ViT-{r["variant"]} {r["mode"]}, {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
+      f'attention {r["attention"]!r}, {r["num_params"]:,} params on {r["devices"]}',
+      f'images/s: {r["images_per_second"]:.2f} (min {r["images_per_second_spread"]["min"]:.2f}, '
+      f'max {r["images_per_second_spread"]["max"]:.2f})',
+      f'step: {step["median"] * 1e3:.1f} ms median, {step["min"] * 1e3:.1f}..{step["max"] * 1e3:.1f} ms '
+      f'over {r["repeats"]} runs of {r["steps"]} steps',
+      f'compile: {r["compile_seconds"]:.1f} s',
+      f'GFLOPs per image: {r["flops_per_image"] / 1e9:.3f} (XLA cost analysis), '
+      f'{r["matmul_flops_per_image"] / 1e9:.3f} (analytic, matmuls only)',
+      f'achieved: {r["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s',
+  ]
+  if 'mfu' in r:
+    c = r['ceiling_flops_per_second']
+    sizes = '/'.join(map(str, r['ceiling_matmul_sizes']))
+    lines.append(f'matmul ceiling (best of {sizes} square, {r["dtype"]}): {c["median"] / 1e9:.1f} '
+                 f'GFLOP/s ({c["min"] / 1e9:.1f}..{c["max"] / 1e9:.1f}); MFU {r["mfu"]:.1%}')
+  memory = r['peak_memory_bytes']
+  lines.append(f'peak memory: {"n/a" if memory is None else f"{memory / 2**30:.3f} GiB"} '
+               f'({r["peak_memory_source"]}); process peak RSS {r["process_peak_rss_bytes"] / 2**30:.3f} GiB')
+  return '\n'.join(lines)
+
+
+def serve(args: argparse.Namespace) -> None:
+  """Worker loop: build once, print a JSON line, then one timed run per `run` line on stdin."""
+  workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
+                      args.attention)
+  print(json.dumps({'ready': True, 'compile_seconds': workload.compile_seconds,
+                    'flops_per_image': workload.flops_per_image,
+                    'matmul_flops_per_image': workload.matmul_flops_per_image,
+                    'num_params': workload.num_params}), flush=True)
+  for line in sys.stdin:
+    if line.strip() != 'run':
+      break
+    print(json.dumps({'seconds': workload.run(args.steps)}), flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+  from vit_jax.models import SIZES
+  p = argparse.ArgumentParser(prog='python -m vit_jax.benchmark', description=__doc__.split('\n\n')[1])
+  p.add_argument('--variant', default='B/16', help=f'SIZE/PATCH, SIZE one of {", ".join(SIZES)} (default B/16)')
+  p.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
+  p.add_argument('--batch_size', type=int, default=8, help='global batch (default 8)')
+  p.add_argument('--dtype', default='float32', choices=DTYPES, help='compute dtype; params stay float32')
+  p.add_argument('--mode', default='train', choices=MODES,
+                 help='train: the optimizer step; inference: the forward pass (default train)')
+  p.add_argument('--attention', default='fused', choices=('fused', 'reference'), help='config.model.attention')
+  p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
+  p.add_argument('--repeats', type=int, default=5, help='timed runs after the warm-up (default 5)')
+  p.add_argument('--ceiling_sizes', default='1024,2048,4096',
+                 help='sides of the square matmuls that measure the ceiling; 0 skips it '
+                      '(default 1024,2048,4096)')
+  p.add_argument('--xla_flags', default='', help='appended to $XLA_FLAGS before JAX starts')
+  p.add_argument('--json', action='store_true', help='print one JSON object instead of text')
+  p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.benchmark_timm')
+  return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  args = parser().parse_args(argv)
+  if args.xla_flags:  # Read by XLA when JAX creates its first backend, i.e. after this.
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
+  for name in ('image_size', 'batch_size', 'steps', 'repeats'):
+    if getattr(args, name) < 1:
+      print(f'error: --{name}={getattr(args, name)} must be positive.', file=sys.stderr)
+      return 2
+  from vit_jax.errors import UsageError
+  try:
+    if args.serve:
+      serve(args)
+      return 0
+    result = run_benchmark(args)
+  except (ValueError, UsageError) as e:  # A bad variant, size or mode: one line, as the launcher.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(result, indent=1) if args.json else format_result(result), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
