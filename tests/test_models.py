@@ -81,9 +81,26 @@ def test_fused_and_reference_attention_agree():
   images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
   fused_model = create_model('tiny/4', 10, attention='fused')
   variables = fused_model.init(jax.random.key(0), images)
-  a, _ = fused_model.apply(variables, images)
-  b, _ = create_model('tiny/4', 10, attention='reference').apply(variables, images)
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _, a = fused_model.apply(variables, images)
+  _, b = create_model('tiny/4', 10, attention='reference').apply(variables, images)
+  np.testing.assert_allclose(a['encoded'], b['encoded'], rtol=1e-5, atol=1e-5)  # (The fresh head is zero.)
+
+
+def test_kernel_path_matches_the_explicit_path(monkeypatch):
+  """Accelerators run 'fused' through jax.nn.dot_product_attention, CPU through
+  head_major_attention: same parameters, same function."""
+  from vit_jax.models import layers
+  images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  model = create_model('tiny/4', 10, qk_norm=True)
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  _, explicit = jit_apply(model)(params, images)
+  monkeypatch.setattr(layers, 'use_fused_kernel',
+                      lambda implementation, return_weights, use_dropout: not (return_weights or use_dropout))
+  kernel_params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  jax.tree.map(np.testing.assert_array_equal, kernel_params, params)  # Same names, shapes and values.
+  _, fused = jit_apply(model)(params, images)
+  # The encoded tokens: the logits of a fresh (zero) head would be zero on any path.
+  np.testing.assert_allclose(fused['encoded'], explicit['encoded'], rtol=1e-5, atol=1e-5)
 
 
 def test_representation_size_adds_pre_logits():
