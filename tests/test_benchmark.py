@@ -24,10 +24,13 @@ FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_se
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
 def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
-  assert benchmark.main([*TINY, '--mode', mode]) == 0
+  # Train with a remat policy under nn.scan: the options reach the model.
+  options = ['--scan', '--remat', 'dots_saveable'] if mode == 'train' else []
+  assert benchmark.main([*TINY, '--mode', mode, *options]) == 0
   result = json.loads(capsys.readouterr().out)
   assert FIELDS <= set(result)
   assert result['mode'] == mode and result['num_params'] > 0
+  assert result['scan'] == (mode == 'train')
   assert len(result['step_seconds_all']) == 2
   assert result['step_seconds']['min'] <= result['step_seconds']['median'] <= result['step_seconds']['max']
   assert result['images_per_second'] > 0 and 0 < result['mfu']
@@ -50,6 +53,7 @@ def test_analytic_flops_of_b16():
 
 def test_benchmark_text_output_and_bad_flags(capsys):
   result = {'variant': 'tiny/4', 'mode': 'train', 'dtype': 'float32', 'batch_size': 8, 'image_size': 32,
+            'remat': 'none', 'scan': False,
             'attention': 'fused', 'num_params': 1000, 'devices': '8 x cpu', 'images_per_second': 10.0,
             'images_per_second_spread': {'min': 9.0, 'max': 11.0}, 'repeats': 2, 'steps': 1,
             'step_seconds': {'median': 0.8, 'min': 0.7, 'max': 0.9}, 'compile_seconds': 1.5,
@@ -59,6 +63,10 @@ def test_benchmark_text_output_and_bad_flags(capsys):
             'peak_memory_source': 'plan', 'process_peak_rss_bytes': 2**31}
   text = benchmark.format_result(result)
   assert 'images/s: 10.00' in text and 'MFU 20.0%' in text and '1.000 GiB' in text
+  assert benchmark.main(['--steps', '0']) == 2
+  assert '--steps=0 must be positive' in capsys.readouterr().err
+  assert benchmark.main(['--variant', 'tiny/4', '--image_size', '32', '--remat', 'dots']) == 2
+  assert "Unknown remat policy 'dots'" in capsys.readouterr().err
   assert benchmark.main(['--steps', '0']) == 2
   assert '--steps=0 must be positive' in capsys.readouterr().err
   assert benchmark.main(['--variant', 'Q/16', '--image_size', '32']) == 2

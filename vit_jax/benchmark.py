@@ -1,7 +1,8 @@
 """Throughput of vit_jax's real train step (or forward pass), against this device's matmul ceiling.
 
   python -m vit_jax.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
-      [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5] [--json]
+      [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
+      [--remat none|full|dots_saveable|...] [--scan] [--xla_flags '...'] [--json]
 
 Builds the train step exactly as training does (`train.setup`: the model of
 `config.model`, AdamW with clipping from `vit_jax.optim`, donated state, one
@@ -11,8 +12,9 @@ times square matmuls of the same dtype (`--ceiling_sizes`; the fastest of
 them is the ceiling), so the model and the ceiling see the same load on a
 shared machine. Prints images/s, step time
 (median, min, max over the runs), compile time, FLOPs per image from XLA's cost
-analysis of the compiled program (a multiply-add counts 2) next to the
-analytic matmul count, achieved FLOP/s, MFU (achieved / median ceiling) and peak
+analysis of the compiled program (a multiply-add counts 2; with --scan or
+--remat, of the plain program: XLA counts a loop body once, and recomputation
+is not model work) next to the analytic matmul count, achieved FLOP/s, MFU (achieved / median ceiling) and peak
 memory: `device.memory_stats()` where the device has it (GPU, TPU), else the
 compiled program's memory analysis (arguments + outputs + temporaries -
 donated) and the process's peak RSS, and says which.
@@ -40,13 +42,18 @@ MODES = ('train', 'inference')
 DTYPES = ('float32', 'bfloat16')
 
 
-def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str, attention: str):
-  """The base config with the benchmark's model, resolution and batch (1000 classes, as ImageNet)."""
+def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,
+                     model_options: Optional[dict[str, Any]] = None):
+  """The base config with the benchmark's model, resolution and batch (1000 classes, as ImageNet).
+
+  `model_options` are further `config.model` fields (attention, remat, scan).
+  """
   from configs import base
   config = base.get_config()
   config.model.variant = variant
   config.model.dtype = dtype
-  config.model.attention = attention
+  for key, value in (model_options or {}).items():
+    config.model[key] = value
   config.input.image_size = image_size
   config.batch_size = batch_size
   config.eval_batch_size = batch_size
@@ -73,11 +80,28 @@ def matmul_flops_per_image(model, image_size: int, mode: str) -> float:
   return float(forward if mode == 'inference' else 3 * forward - embed)
 
 
+def program(run, mode: str, state, batch, rng) -> tuple[Callable, tuple]:
+  """(jitted function, its arguments) that `mode` times: the train step, or the forward pass."""
+  import jax
+  if mode == 'train':
+    return run.step_fn, (state, batch, rng)
+  forward = jax.jit(lambda params, images: run.model.apply({'params': params}, images)[0],
+                    in_shardings=(run.state_sharding.params, run.batch_sharding))
+  return forward, (state.params, batch['image'])
+
+
+def cost_flops(stage) -> float:
+  """XLA's FLOP count of a lowered or compiled program (a multiply-add counts 2)."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
+
+
 class Workload:
   """The compiled train step (or forward pass) with its state and batch, ready to time."""
 
   def __init__(self, variant: str, image_size: int, batch_size: int, dtype: str = 'float32',
-               mode: str = 'train', attention: str = 'fused'):
+               mode: str = 'train', model_options: Optional[dict[str, Any]] = None):
     import jax
     import numpy as np
 
@@ -86,7 +110,7 @@ class Workload:
     if mode not in MODES:
       raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
     self.mode, self.batch_size = mode, batch_size
-    config = benchmark_config(variant, image_size, batch_size, dtype, attention)
+    config = benchmark_config(variant, image_size, batch_size, dtype, model_options)
     mesh = sharding.make_mesh(config)
     run = train.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
     self.model = run.model
@@ -96,18 +120,25 @@ class Workload:
     self.batch = sharding.global_batch({'image': images, 'label': labels}, run.batch_sharding)
     self.state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
     self.rng = jax.random.key(1)
-    if mode == 'train':
-      function, args = run.step_fn, (self.state, self.batch, self.rng)
-    else:
-      function = jax.jit(lambda params, images: run.model.apply({'params': params}, images)[0],
-                         in_shardings=(run.state_sharding.params, run.batch_sharding))
-      args = (self.state.params, self.batch['image'])
+    function, args = program(run, mode, self.state, self.batch, self.rng)
     start = time.perf_counter()
     self.compiled = function.lower(*args).compile()
     self.compile_seconds = time.perf_counter() - start
-    cost = self.compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.flops_per_image = float(cost['flops']) * jax.device_count() / batch_size
+    self.flops_per_image = cost_flops(self.compiled) * jax.device_count() / batch_size
+    options = model_options or {}
+    if options.get('scan') or options.get('remat') not in (None, False, 'none'):
+      # XLA counts a loop body once, not once per layer, and recomputation is
+      # not the model's work: count the plain program (lowered, not compiled).
+      # Before partitioning, the lowered program is the whole batch's.
+      plain = train.setup(benchmark_config(variant, image_size, batch_size, dtype,
+                                           {**options, 'scan': False, 'remat': False}), mesh)
+      shapes = lambda tree, shardings: jax.tree.map(  # noqa: E731
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+      state = shapes(plain.abstract_state, plain.state_sharding)
+      batch = shapes(jax.eval_shape(lambda: self.batch), {'image': plain.batch_sharding,
+                                                          'label': plain.batch_sharding})
+      function, args = program(plain, mode, state, batch, jax.eval_shape(lambda: self.rng))
+      self.flops_per_image = cost_flops(function.lower(*args)) / batch_size
     self.matmul_flops_per_image = matmul_flops_per_image(run.model, image_size, mode)
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
     self.devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
@@ -181,7 +212,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   """Builds, warms up and times the workload of `args`; returns the result record."""
   import jax
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      args.attention)
+                      model_options(args))
   sizes = tuple(int(size) for size in args.ceiling_sizes.split(',') if size.strip() and int(size))
   ceiling = MatmulCeiling(args.dtype, sizes) if sizes else None
   step_seconds, ceilings = [], []
@@ -197,7 +228,8 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   memory, memory_source = workload.peak_memory()
   result = {
       'variant': args.variant, 'mode': args.mode, 'dtype': args.dtype, 'image_size': args.image_size,
-      'batch_size': args.batch_size, 'attention': args.attention, 'steps': args.steps,
+      'batch_size': args.batch_size, 'attention': args.attention, 'remat': args.remat,
+      'scan': args.scan, 'steps': args.steps,
       'repeats': args.repeats, 'devices': workload.devices, 'num_params': workload.num_params,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'date': time.strftime('%Y-%m-%d %H:%M'),
       'images_per_second': images_per_second,
@@ -224,7 +256,8 @@ def format_result(r: dict[str, Any]) -> str:
   step = r['step_seconds']
   lines = [
       f'ViT-{r["variant"]} {r["mode"]}, {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
-      f'attention {r["attention"]!r}, {r["num_params"]:,} params on {r["devices"]}',
+      f'attention {r["attention"]!r}, remat {r["remat"]!r}, scan {r["scan"]}, '
+      f'{r["num_params"]:,} params on {r["devices"]}',
       f'images/s: {r["images_per_second"]:.2f} (min {r["images_per_second_spread"]["min"]:.2f}, '
       f'max {r["images_per_second_spread"]["max"]:.2f})',
       f'step: {step["median"] * 1e3:.1f} ms median, {step["min"] * 1e3:.1f}..{step["max"] * 1e3:.1f} ms '
@@ -248,7 +281,7 @@ def format_result(r: dict[str, Any]) -> str:
 def serve(args: argparse.Namespace) -> None:
   """Worker loop: build once, print a JSON line, then one timed run per `run` line on stdin."""
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      args.attention)
+                      model_options(args))
   print(json.dumps({'ready': True, 'compile_seconds': workload.compile_seconds,
                     'flops_per_image': workload.flops_per_image,
                     'matmul_flops_per_image': workload.matmul_flops_per_image,
@@ -257,6 +290,16 @@ def serve(args: argparse.Namespace) -> None:
     if line.strip() != 'run':
       break
     print(json.dumps({'seconds': workload.run(args.steps)}), flush=True)
+
+
+def parse_remat(value: str):
+  """--remat as config.model.remat takes it: 'True'/'False' become booleans, names stay names."""
+  return {'true': True, 'false': False}.get(value.lower(), value)
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+  """The `config.model` fields that the command line sets."""
+  return {'attention': args.attention, 'remat': args.remat, 'scan': args.scan}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -269,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mode', default='train', choices=MODES,
                  help='train: the optimizer step; inference: the forward pass (default train)')
   p.add_argument('--attention', default='fused', choices=('fused', 'reference'), help='config.model.attention')
+  p.add_argument('--remat', default='none', type=parse_remat,
+                 help="config.model.remat: none, full, or a policy name, e.g. dots_saveable (default none)")
+  p.add_argument('--scan', action='store_true', help='config.model.scan: one nn.scan over the blocks')
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
   p.add_argument('--repeats', type=int, default=5, help='timed runs after the warm-up (default 5)')
   p.add_argument('--ceiling_sizes', default='1024,2048,4096',
