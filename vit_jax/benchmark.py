@@ -10,14 +10,14 @@ jit over the device mesh) on synthetic data, compiles it once, runs a warm-up
 step, then times `--repeats` runs of `--steps` steps each. After each run it
 times square matmuls of the same dtype (`--ceiling_sizes`; the fastest of
 them is the ceiling), so the model and the ceiling see the same load on a
-shared machine. Prints images/s, step time
-(median, min, max over the runs), compile time, FLOPs per image from XLA's cost
-analysis of the compiled program (a multiply-add counts 2; with --scan or
---remat, of the plain program: XLA counts a loop body once, and recomputation
-is not model work) next to the analytic matmul count, achieved FLOP/s, MFU (achieved / median ceiling) and peak
-memory: `device.memory_stats()` where the device has it (GPU, TPU), else the
-compiled program's memory analysis (arguments + outputs + temporaries -
-donated) and the process's peak RSS, and says which.
+shared machine. Prints images/s, step time (median, min, max over the runs),
+compile time, FLOPs per image from XLA's cost analysis of the compiled
+program (a multiply-add counts 2; with --scan or --remat, of the plain
+program: XLA counts a loop body once, and recomputation is not model work)
+next to the analytic matmul count, achieved FLOP/s, MFU (achieved / median
+ceiling) and peak memory: `device.memory_stats()` where the device has it
+(GPU, TPU), else the compiled program's memory analysis (arguments + outputs
++ temporaries - donated) and the process's peak RSS, and says which.
 
 `--serve` turns the process into a worker for side-by-side runs
 (`vit_jax.benchmark_timm`): it builds and warms up once, prints one JSON
