@@ -66,8 +66,7 @@ def run_config(data_dir):
 
 def final_state(workdir, config):
   run = train.setup(config, sharding.make_mesh(config))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.abstract_state, run.state_sharding)
+  abstract = sharding.placed(run.abstract_state, run.state_sharding)
   return checkpoint.restore_latest(checkpoint.create_manager(str(workdir), config), abstract)
 
 

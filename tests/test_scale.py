@@ -110,8 +110,7 @@ def test_checkpoint_from_one_device_resumes_on_eight(config, one_device_run, tmp
 
   mesh = sharding.make_mesh(config)  # All 8 devices.
   run = train.setup(config, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.abstract_state, run.state_sharding)
+  abstract = sharding.placed(run.abstract_state, run.state_sharding)
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path), config), abstract)
   assert int(restored.step) == STEPS // 2
   assert len(restored.params['head']['kernel'].sharding.device_set) == 8
@@ -161,8 +160,7 @@ def test_two_processes_of_four_devices_equal_one_device(config, one_device_run, 
 
   # The checkpoint written by 2 processes on 8 devices, restored onto 1 device.
   run = train.setup(config, sharding.make_mesh(config, jax.devices()[:1]))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.abstract_state, run.state_sharding)
+  abstract = sharding.placed(run.abstract_state, run.state_sharding)
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(workdir), config), abstract)
   assert int(restored.step) == STEPS
   assert restored.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}

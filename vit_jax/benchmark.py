@@ -132,11 +132,9 @@ class Workload:
       # Before partitioning, the lowered program is the whole batch's.
       plain = train.setup(benchmark_config(variant, image_size, batch_size, dtype,
                                            {**options, 'scan': False, 'remat': False}), mesh)
-      shapes = lambda tree, shardings: jax.tree.map(  # noqa: E731
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-      state = shapes(plain.abstract_state, plain.state_sharding)
-      batch = shapes(jax.eval_shape(lambda: self.batch), {'image': plain.batch_sharding,
-                                                          'label': plain.batch_sharding})
+      state = sharding.placed(plain.abstract_state, plain.state_sharding)
+      batch = sharding.placed(jax.eval_shape(lambda: self.batch),
+                              {'image': plain.batch_sharding, 'label': plain.batch_sharding})
       function, args = program(plain, mode, state, batch, jax.eval_shape(lambda: self.rng))
       self.flops_per_image = cost_flops(function.lower(*args)) / batch_size
     self.matmul_flops_per_image = matmul_flops_per_image(run.model, image_size, mode)

@@ -50,10 +50,9 @@ def format_report(values: dict[str, float]) -> str:
 
 def compile_step(config, mesh) -> tuple[Any, Any]:
   """(setup, compiled train step) for `config` on `mesh`, from shapes only: nothing is allocated."""
-  from vit_jax import train  # train imports this module.
+  from vit_jax import sharding, train  # train imports this module.
   run = train.setup(config, mesh)
-  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        run.abstract_state, run.state_sharding)
+  placed = sharding.placed(run.abstract_state, run.state_sharding)
   size = config.input.image_size
   soft = config.input.mixup_alpha > 0 or config.input.cutmix_alpha > 0
   label_shape = (config.batch_size, config.dataset.num_classes) if soft else (config.batch_size,)

@@ -94,6 +94,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, config: ml_collections.Conf
       abstract_state)
 
 
+def placed(abstract: Any, shardings: Any) -> Any:
+  """`abstract` (a tree of shapes and dtypes) with each leaf given its sharding: what orbax
+  restores into and what `.lower()` compiles for, without allocating anything."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                      shardings)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size') -> None:
   """Raises a UsageError unless the global batch splits evenly over all devices."""
   n = mesh.size

@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jax.experimental import multihost_utils
@@ -225,9 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.create_manager(workdir, config)
   if state is None:
-    abstract_placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   run.abstract_state, run.state_sharding)
-    state = checkpoint.restore_latest(manager, abstract_placed)
+    state = checkpoint.restore_latest(manager, sharding.placed(run.abstract_state, run.state_sharding))
     if state is None:  # Every checkpoint was damaged and set aside.
       state = fresh_state()
     elif is_main:

@@ -109,10 +109,13 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   manager.reload()
 
 
-def _lookup(config: dict, dotted: str) -> Any:
+def _lookup(tree: dict, dotted: str) -> Any:
+  """The value at `dotted` in a config's JSON form; None where a config.json (e.g. an older one) lacks it."""
   for key in dotted.split('.'):
-    config = config.get(key, {}) if isinstance(config, dict) else {}
-  return config
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
 
 
 def has_checkpoints(workdir: str) -> bool:
