@@ -19,7 +19,8 @@ FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_se
           'images_per_second_spread', 'step_seconds', 'step_seconds_all', 'compile_seconds',
           'flops_per_image', 'matmul_flops_per_image', 'achieved_flops_per_second',
           'ceiling_flops_per_second', 'mfu', 'peak_memory_bytes', 'peak_memory_source', 'devices',
-          'num_params', 'xla_flags', 'jax_version', 'date'}
+          'num_params', 'xla_flags', 'jax_version', 'date', 'warmup_steps', 'page_faults_per_step',
+          'host_memory_retained'}
 
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
@@ -35,6 +36,8 @@ def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
   assert result['step_seconds']['min'] <= result['step_seconds']['median'] <= result['step_seconds']['max']
   assert result['images_per_second'] > 0 and 0 < result['mfu']
   assert result['peak_memory_bytes'] > 0
+  assert 1 <= result['warmup_steps'] <= benchmark.MAX_WARMUP_STEPS
+  assert len(result['page_faults_per_step']) == 2 and min(result['page_faults_per_step']) >= 0
   # XLA counts the whole program (softmax, GELU, LayerNorm, the optimizer);
   # the analytic count only the products. Same order of magnitude, XLA's above.
   ratio = result['flops_per_image'] / result['matmul_flops_per_image']
@@ -57,12 +60,14 @@ def test_benchmark_text_output_and_bad_flags(capsys):
             'attention': 'fused', 'num_params': 1000, 'devices': '8 x cpu', 'images_per_second': 10.0,
             'images_per_second_spread': {'min': 9.0, 'max': 11.0}, 'repeats': 2, 'steps': 1,
             'step_seconds': {'median': 0.8, 'min': 0.7, 'max': 0.9}, 'compile_seconds': 1.5,
+            'warmup_steps': 2, 'page_faults_per_step': [0.0, 12.0], 'host_memory_retained': True,
             'flops_per_image': 2e9, 'matmul_flops_per_image': 1.8e9, 'achieved_flops_per_second': 2e10,
             'ceiling_flops_per_second': {'median': 1e11, 'min': 9e10, 'max': 1.1e11},
             'ceiling_matmul_sizes': [1024, 2048], 'mfu': 0.2, 'peak_memory_bytes': 2**30,
             'peak_memory_source': 'plan', 'process_peak_rss_bytes': 2**31}
   text = benchmark.format_result(result)
   assert 'images/s: 10.00' in text and 'MFU 20.0%' in text and '1.000 GiB' in text
+  assert 'warm-up: 2 steps; page faults per step: 6 (host memory retained' in text
   assert benchmark.main(['--steps', '0']) == 2
   assert '--steps=0 must be positive' in capsys.readouterr().err
   assert benchmark.main(['--variant', 'tiny/4', '--image_size', '32', '--remat', 'dots']) == 2
@@ -118,6 +123,7 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
   assert row['timm_images_per_second'] == 32.0 and row['torch'] == 'fake'
   assert row['vit_jax_images_per_second'] > 0 and row['vit_jax_flops_per_second'] > 0
   assert row['ratio'] == pytest.approx(row['vit_jax_images_per_second'] / 32.0)
+  assert len(row['vit_jax_page_faults_per_step']) == 3  # Per timed run of the vit_jax worker.
   assert 'torch' not in sys.modules
 
 

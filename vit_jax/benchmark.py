@@ -34,11 +34,17 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from vit_jax import hostmem
+
 # train imports TensorFlow (input pipeline), which the benchmark never runs: keep it quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # Only silences TF's start-up notice.
 
 MODES = ('train', 'inference')
+# Warm-up runs single steps until one faults in fewer than SETTLED_PAGE_FAULTS
+# pages (16 MiB of 4 KiB pages), at most MAX_WARMUP_STEPS of them.
+SETTLED_PAGE_FAULTS = 4096
+MAX_WARMUP_STEPS = 6
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -140,11 +146,23 @@ class Workload:
     self.matmul_flops_per_image = matmul_flops_per_image(run.model, image_size, mode)
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
     self.devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    self.run(1)  # Warm-up: first-call allocations and thread-pool start-up.
+    # Warm-up: first-call allocations, thread-pool start-up, and the host heap
+    # growing to the program's peak (steps fault pages in until it has).
+    self.warmup_steps = 0
+    while self.warmup_steps < MAX_WARMUP_STEPS:
+      self.run(1)
+      self.warmup_steps += 1
+      if self.page_faults < SETTLED_PAGE_FAULTS:
+        break
 
   def run(self, steps: int) -> float:
-    """Runs `steps` steps and returns the seconds they took, waiting for the device at the end."""
+    """Runs `steps` steps and returns the seconds they took, waiting for the device at the end.
+
+    Also sets `page_faults`: the process's minor page faults per step during
+    the run (memory the host allocator had to fault in; see vit_jax/hostmem.py).
+    """
     import jax
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     if self.mode == 'train':
       for _ in range(steps):
@@ -154,7 +172,9 @@ class Workload:
       for _ in range(steps):
         logits = self.compiled(self.state.params, self.batch['image'])
       jax.block_until_ready(logits)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    return seconds
 
   def peak_memory(self) -> tuple[Optional[int], str]:
     """(bytes, source): the device's own peak where it reports one, else the compiled program's plan."""
@@ -213,9 +233,10 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
                       model_options(args))
   sizes = tuple(int(size) for size in args.ceiling_sizes.split(',') if size.strip() and int(size))
   ceiling = MatmulCeiling(args.dtype, sizes) if sizes else None
-  step_seconds, ceilings = [], []
+  step_seconds, ceilings, page_faults = [], [], []
   for repeat in range(args.repeats):
     step_seconds.append(workload.run(args.steps) / args.steps)
+    page_faults.append(workload.page_faults)
     if ceiling is not None:
       ceilings.append(ceiling.flops_per_second())
     if on_repeat:
@@ -234,7 +255,8 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
       'images_per_second_spread': {k: args.batch_size / v for k, v in
                                    (('min', step['max']), ('max', step['min']))},
       'step_seconds': step, 'step_seconds_all': step_seconds,
-      'compile_seconds': workload.compile_seconds,
+      'compile_seconds': workload.compile_seconds, 'warmup_steps': workload.warmup_steps,
+      'page_faults_per_step': page_faults, 'host_memory_retained': hostmem.retaining(),
       'flops_per_image': workload.flops_per_image,
       'matmul_flops_per_image': workload.matmul_flops_per_image,
       'achieved_flops_per_second': achieved,
@@ -260,7 +282,9 @@ def format_result(r: dict[str, Any]) -> str:
       f'max {r["images_per_second_spread"]["max"]:.2f})',
       f'step: {step["median"] * 1e3:.1f} ms median, {step["min"] * 1e3:.1f}..{step["max"] * 1e3:.1f} ms '
       f'over {r["repeats"]} runs of {r["steps"]} steps',
-      f'compile: {r["compile_seconds"]:.1f} s',
+      f'compile: {r["compile_seconds"]:.1f} s; warm-up: {r["warmup_steps"]} steps; page faults per step: '
+      f'{statistics.median(r["page_faults_per_step"]):,.0f} (host memory '
+      f'{"retained" if r["host_memory_retained"] else "returned to the OS"}: vit_jax/hostmem.py)',
       f'GFLOPs per image: {r["flops_per_image"] / 1e9:.3f} (XLA cost analysis), '
       f'{r["matmul_flops_per_image"] / 1e9:.3f} (analytic, matmuls only)',
       f'achieved: {r["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s',
@@ -287,7 +311,8 @@ def serve(args: argparse.Namespace) -> None:
   for line in sys.stdin:
     if line.strip() != 'run':
       break
-    print(json.dumps({'seconds': workload.run(args.steps)}), flush=True)
+    seconds = workload.run(args.steps)
+    print(json.dumps({'seconds': seconds, 'page_faults': workload.page_faults}), flush=True)
 
 
 def parse_remat(value: str):
@@ -346,4 +371,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == '__main__':
+  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
   sys.exit(main())

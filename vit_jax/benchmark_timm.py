@@ -132,6 +132,7 @@ class Worker:
     self.name = name
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = self._read()
+    self.replies: list[dict[str, Any]] = []  # One per timed run.
 
   def _read(self) -> dict[str, Any]:
     # Libraries may print to stdout before the worker does: skip lines that are not JSON.
@@ -146,7 +147,9 @@ class Worker:
   def run(self) -> float:
     self.process.stdin.write('run\n')
     self.process.stdin.flush()
-    return self._read()['seconds']
+    reply = self._read()
+    self.replies.append(reply)
+    return reply['seconds']
 
   def close(self) -> None:
     if self.process.poll() is None:
@@ -182,7 +185,8 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
               'repeats': args.repeats, 'vit_jax_num_params': jax_worker.info.get('num_params'),
               'timm_num_params': timm.info.get('num_params'), 'torch': timm.info.get('torch'),
               'timm': timm.info.get('timm'), 'torch_threads': timm.info.get('threads'),
-              'vit_jax_compile_seconds': jax_worker.info.get('compile_seconds')})
+              'vit_jax_compile_seconds': jax_worker.info.get('compile_seconds'),
+              'vit_jax_page_faults_per_step': [r.get('page_faults') for r in jax_worker.replies]})
   return row
 
 

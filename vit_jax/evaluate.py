@@ -24,6 +24,7 @@ from typing import Any, Optional
 from absl import app, flags, logging
 import numpy as np
 
+from vit_jax import hostmem
 from vit_jax.errors import UsageError
 from vit_jax.predict import Run, run_from_flags, softmax
 
@@ -218,5 +219,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
   define_flags()
   app.run(main)

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vit_jax import hostmem
 from vit_jax.errors import UsageError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file under configs/.',
@@ -62,4 +63,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
+  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
   app.run(main, flags_parser=parse_flags)

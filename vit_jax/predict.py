@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax import hostmem
 from vit_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.gif', '.bmp')
@@ -288,5 +289,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
   define_flags()
   app.run(main)
