@@ -2,17 +2,19 @@
 
   python -m vit_jax.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
       [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
-      [--remat none|full|dots_saveable|...] [--scan] [--xla_flags '...'] [--json]
+      [--remat none|full|dots_saveable|...] [--scan] [--xla_flags='--flag=value ...'] [--json]
 
 Builds the train step exactly as training does (`train.setup`: the model of
 `config.model`, AdamW with clipping from `vit_jax.optim`, donated state, one
-jit over the device mesh) on synthetic data, compiles it once, runs a warm-up
-step, then times `--repeats` runs of `--steps` steps each. After each run it
+jit over the device mesh) on synthetic data, compiles it once, warms it up
+(single steps until one no longer faults host memory in: at most 6), then
+times `--repeats` runs of `--steps` steps each. After each run it
 times square matmuls of the same dtype (`--ceiling_sizes`; the fastest of
 them is the ceiling), so the model and the ceiling see the same load on a
 shared machine. Prints images/s, step time (median, min, max over the runs),
-compile time, FLOPs per image from XLA's cost analysis of the compiled
-program (a multiply-add counts 2; with --scan or --remat, of the plain
+compile time, warm-up steps, page faults per step, FLOPs per image from
+XLA's cost analysis of the compiled program (a multiply-add counts 2; with
+--scan or --remat, of the plain
 program: XLA counts a loop body once, and recomputation is not model work)
 next to the analytic matmul count, achieved FLOP/s, MFU (achieved / median
 ceiling) and peak memory: `device.memory_stats()` where the device has it
@@ -22,6 +24,9 @@ ceiling) and peak memory: `device.memory_stats()` where the device has it
 `--serve` turns the process into a worker for side-by-side runs
 (`vit_jax.benchmark_timm`): it builds and warms up once, prints one JSON
 line, then answers each `run` line on stdin with one timed run.
+
+Run as a command, it first calls `vit_jax.hostmem.retain_freed_memory`, as
+the launcher does, so the step runs with the launcher's host-memory settings.
 """
 
 import argparse
