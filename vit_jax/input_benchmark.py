@@ -142,4 +142,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from vit_jax import hostmem
+  hostmem.retain_freed_memory()  # As the launcher: see vit_jax/hostmem.py.
   app.run(main)
