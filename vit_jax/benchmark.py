@@ -14,8 +14,8 @@ them is the ceiling), so the model and the ceiling see the same load on a
 shared machine. Prints images/s, step time (median, min, max over the runs),
 compile time, warm-up steps, page faults per step, FLOPs per image from
 XLA's cost analysis of the compiled program (a multiply-add counts 2; with
---scan or --remat, of the plain
-program: XLA counts a loop body once, and recomputation is not model work)
+--scan or --remat, of the plain program: XLA counts a loop body once, and
+recomputation is not model work)
 next to the analytic matmul count, achieved FLOP/s, MFU (achieved / median
 ceiling) and peak memory: `device.memory_stats()` where the device has it
 (GPU, TPU), else the compiled program's memory analysis (arguments + outputs
@@ -46,11 +46,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # Only silences TF's start-up notice.
 
 MODES = ('train', 'inference')
+DTYPES = ('float32', 'bfloat16')
 # Warm-up runs single steps until one faults in fewer than SETTLED_PAGE_FAULTS
 # pages (16 MiB of 4 KiB pages), at most MAX_WARMUP_STEPS of them.
 SETTLED_PAGE_FAULTS = 4096
 MAX_WARMUP_STEPS = 6
-DTYPES = ('float32', 'bfloat16')
 
 
 def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,

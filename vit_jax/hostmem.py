@@ -7,7 +7,7 @@ blocks that large with mmap and gives them back with munmap (and XLA's
 threads allocate from their own arenas, which do the same). So every
 step faults all of its memory back in, one zeroed 4 KiB page at a time: on a
 2-core CPU that was 566,000 page faults and about a second of kernel time per
-ViT-Ti/16 step at batch 32, a fifth of the step (README, Performance).
+ViT-Ti/16 step at batch 32, a fifth of its CPU time (README, Performance).
 
 `retain_freed_memory` tells glibc to serve every thread from the main heap
 (`M_ARENA_MAX` 1), never to use mmap for large blocks (`M_MMAP_MAX` 0) and
@@ -38,8 +38,12 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
-
 _retaining = False
+
+
+def is_glibc() -> bool:
+  """Whether this process runs on Linux with glibc, the one allocator `retain_freed_memory` switches."""
+  return platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
 
 
 def retaining() -> bool:
@@ -58,7 +62,7 @@ def retain_freed_memory() -> bool:
   """
   if os.environ.get(ENV, '1').strip().lower() in ('0', 'false', 'no'):
     return False
-  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+  if not is_glibc():
     return False
   mallopt = ctypes.CDLL(None).mallopt  # The process's own C library.
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
