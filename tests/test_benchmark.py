@@ -84,11 +84,13 @@ def test_side_by_side_rows_and_table():
   assert row['ratio'] == pytest.approx(0.4)  # vit_jax / timm images per second.
   assert row['vit_jax_step_seconds'] == {'median': 4.0, 'min': 2.0, 'max': 5.0}
   assert row['timm_flops_per_second'] == 5e9
+  row['vit_jax_devices'] = '2 x cpu'  # As compare() adds it from the worker.
   faster = benchmark_timm.make_row('Ti/16', 'inference', 8, [0.5], [1.0])
   table = benchmark_timm.format_table([row, faster]).splitlines()
-  assert len(table) == 4 and 'vit_jax/timm' in table[0]
+  assert len(table) == 4 and 'vit_jax/timm' in table[0] and 'jax devices' in table[0]
   assert table[2].split()[:6] == ['B/16', 'train', '8', '2.00', '5.00', '0.40x']
-  assert table[3].split()[5:] == ['2.00x', '-', '-']  # No FLOP count given: no FLOP/s.
+  assert table[2].split()[-1] == '2'
+  assert table[3].split()[5:] == ['2.00x', '-', '-', '-']  # No FLOP count or devices given.
   options = benchmark_timm.timm_model_options(
       dict(hidden_size=192, num_layers=12, mlp_dim=768, num_heads=3, patch_size=16), 224)
   assert options == dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
@@ -110,11 +112,11 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
       '''))
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
   env = os.environ.copy()
-  try:  # The worker is a fresh process: one CPU device is plenty for tiny/4.
+  try:  # The worker is a fresh process, here on a CPU split in two (--cpu_devices).
     os.environ['XLA_FLAGS'] = ''
     assert benchmark_timm.main(['--variants', 'tiny/4', '--modes', 'inference', '--image_size', '32',
                                 '--steps', '2', '--repeats', '3', '--timm_python', str(fake),
-                                '--json']) == 0
+                                '--cpu_devices', '2', '--json']) == 0
   finally:
     os.environ.clear()
     os.environ.update(env)
@@ -124,6 +126,7 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
   assert row['vit_jax_images_per_second'] > 0 and row['vit_jax_flops_per_second'] > 0
   assert row['ratio'] == pytest.approx(row['vit_jax_images_per_second'] / 32.0)
   assert len(row['vit_jax_page_faults_per_step']) == 3  # Per timed run of the vit_jax worker.
+  assert row['vit_jax_devices'] == '2 x cpu'
   assert 'torch' not in sys.modules
 
 

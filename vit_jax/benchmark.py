@@ -2,7 +2,8 @@
 
   python -m vit_jax.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
       [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
-      [--remat none|full|dots_saveable|...] [--scan] [--xla_flags='--flag=value ...'] [--json]
+      [--remat none|full|dots_saveable|...] [--scan] [--cpu_devices N]
+      [--xla_flags='--flag=value ...'] [--json]
 
 Builds the train step exactly as training does (`train.setup`: the model of
 `config.model`, AdamW with clipping from `vit_jax.optim`, donated state, one
@@ -312,7 +313,7 @@ def serve(args: argparse.Namespace) -> None:
   print(json.dumps({'ready': True, 'compile_seconds': workload.compile_seconds,
                     'flops_per_image': workload.flops_per_image,
                     'matmul_flops_per_image': workload.matmul_flops_per_image,
-                    'num_params': workload.num_params}), flush=True)
+                    'num_params': workload.num_params, 'devices': workload.devices}), flush=True)
   for line in sys.stdin:
     if line.strip() != 'run':
       break
@@ -349,6 +350,9 @@ def parser() -> argparse.ArgumentParser:
                  help='sides of the square matmuls that measure the ceiling; 0 skips it '
                       '(default 1024,2048,4096)')
   p.add_argument('--xla_flags', default='', help='appended to $XLA_FLAGS before JAX starts')
+  p.add_argument('--cpu_devices', type=int, default=None,
+                 help='split the CPU into this many data-parallel devices, as the launcher\'s '
+                      '--cpu_devices (default $VIT_JAX_CPU_DEVICES or 1)')
   p.add_argument('--json', action='store_true', help='print one JSON object instead of text')
   p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.benchmark_timm')
   return p
@@ -362,8 +366,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if getattr(args, name) < 1:
       print(f'error: --{name}={getattr(args, name)} must be positive.', file=sys.stderr)
       return 2
+  from vit_jax import cpu_devices
   from vit_jax.errors import UsageError
   try:
+    cpu_devices.split_cpu(args.cpu_devices)  # Before JAX creates its CPU backend.
     if args.serve:
       serve(args)
       return 0

@@ -57,14 +57,15 @@ def make_row(variant: str, mode: str, batch_size: int, jax_seconds: list[float],
 def format_table(rows: list[dict[str, Any]]) -> str:
   """A fixed-width text table of `make_row` rows, one line each."""
   header = (f'{"variant":<9} {"mode":<10} {"batch":>5} {"vit_jax img/s":>14} {"timm img/s":>11} '
-            f'{"vit_jax/timm":>13} {"vit_jax GF/s":>13} {"timm GF/s":>10}')
+            f'{"vit_jax/timm":>13} {"vit_jax GF/s":>13} {"timm GF/s":>10} {"jax devices":>11}')
   lines = [header, '-' * len(header)]
   for r in rows:
     gflops = [f'{r[k] / 1e9:.1f}' if k in r else '-' for k in
               ('vit_jax_flops_per_second', 'timm_flops_per_second')]
     lines.append(f'{r["variant"]:<9} {r["mode"]:<10} {r["batch_size"]:>5} '
                  f'{r["vit_jax_images_per_second"]:>14.2f} {r["timm_images_per_second"]:>11.2f} '
-                 f'{r["ratio"]:>12.2f}x {gflops[0]:>13} {gflops[1]:>10}')
+                 f'{r["ratio"]:>12.2f}x {gflops[0]:>13} {gflops[1]:>10} '
+                 f'{str(r.get("vit_jax_devices", "-")).split(" x ")[0]:>11}')
   return '\n'.join(lines)
 
 
@@ -163,10 +164,12 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
   fields = parse_variant(variant)
   common = ['--variant', variant, '--mode', mode, '--batch_size', str(args.batch_size),
             '--image_size', str(args.image_size), '--dtype', args.dtype, '--steps', str(args.steps)]
+  jax_options = [] if args.cpu_devices is None else ['--cpu_devices', str(args.cpu_devices)]
   options = {'model': timm_model_options(fields, args.image_size), 'batch_size': args.batch_size,
              'mode': mode, 'dtype': args.dtype, 'steps': args.steps}
   # One side at a time while building, so that neither compiles during the other's warm-up.
-  jax_worker = Worker([sys.executable, '-m', 'vit_jax.benchmark', '--serve', *common], 'vit_jax')
+  jax_worker = Worker([sys.executable, '-m', 'vit_jax.benchmark', '--serve', *common, *jax_options],
+                      'vit_jax')
   timm = None
   try:
     timm = Worker([args.timm_python, os.path.abspath(__file__), '--worker', json.dumps(options)], 'timm')
@@ -186,6 +189,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
               'timm_num_params': timm.info.get('num_params'), 'torch': timm.info.get('torch'),
               'timm': timm.info.get('timm'), 'torch_threads': timm.info.get('threads'),
               'vit_jax_compile_seconds': jax_worker.info.get('compile_seconds'),
+              'vit_jax_devices': jax_worker.info.get('devices'),
               'vit_jax_page_faults_per_step': [r.get('page_faults') for r in jax_worker.replies]})
   return row
 
@@ -202,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--repeats', type=int, default=5, help='timed runs of each side (default 5)')
   p.add_argument('--timm_python', default=os.environ.get('TIMM_PYTHON', DEFAULT_TIMM_PYTHON),
                  help=f'python of the venv with torch and timm (default $TIMM_PYTHON or {DEFAULT_TIMM_PYTHON})')
+  p.add_argument('--cpu_devices', type=int, default=None,
+                 help='CPU devices of the vit_jax side, as its --cpu_devices (default $VIT_JAX_CPU_DEVICES or 1)')
   p.add_argument('--json', action='store_true', help='print the rows as JSON lines')
   p.add_argument('--worker', metavar='OPTIONS', help=argparse.SUPPRESS)  # Internal: the timm side.
   return p

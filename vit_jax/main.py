@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import hostmem
+from vit_jax import cpu_devices, hostmem
 from vit_jax.errors import UsageError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file under configs/.',
@@ -23,6 +23,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
                                'Join a multi-process run detected from the environment (SLURM, TPU).')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None, 'Split the CPU into this many JAX devices, each running the data-parallel '
+    'step on its share of the batch (default $VIT_JAX_CPU_DEVICES or 1; see vit_jax/cpu_devices.py).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,6 +37,7 @@ def main(argv):
   from vit_jax import sharding, train  # Imported here so that --help does not load JAX.
 
   try:
+    cpu_devices.split_cpu(_CPU_DEVICES.value)  # Before JAX creates its CPU backend.
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_MULTIHOST.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

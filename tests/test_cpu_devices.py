@@ -1,0 +1,61 @@
+"""vit_jax.cpu_devices: the CPU split into several JAX devices, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from vit_jax import cpu_devices
+from vit_jax.errors import UsageError
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+  """The environment without the suite's 8-device XLA_FLAGS (set by conftest)."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', cpu_devices.ENV)}
+  return {**env, **extra}
+
+
+def device_count_after(code: str, **env: str) -> str:
+  script = f'from vit_jax import cpu_devices\n{code}\nimport jax\nprint(jax.device_count())'
+  return subprocess.run([sys.executable, '-c', script], env=clean_env(**env), capture_output=True,
+                        text=True, check=True, cwd=REPO).stdout.split()
+
+
+def test_split_cpu_gives_jax_that_many_devices():
+  assert device_count_after('print(cpu_devices.split_cpu(3))') == ['3', '3']
+  assert device_count_after('print(cpu_devices.split_cpu())', VIT_JAX_CPU_DEVICES='2') == ['2', '2']
+  assert device_count_after('print(cpu_devices.split_cpu())') == ['1', '1']
+
+
+def test_existing_xla_flag_stands_and_conflicts_are_errors(monkeypatch):
+  # conftest set --xla_force_host_platform_device_count=8 for this process.
+  assert cpu_devices.split_cpu(8) == 8
+  assert cpu_devices.split_cpu(1) == 8  # The default asks for nothing.
+  flags = os.environ['XLA_FLAGS']
+  with pytest.raises(UsageError, match='cpu_devices=2 conflicts with XLA_FLAGS.*count=8.*drop one'):
+    cpu_devices.split_cpu(2)
+  assert os.environ['XLA_FLAGS'] == flags
+  with pytest.raises(UsageError, match='cpu_devices=0 must be at least 1'):
+    cpu_devices.split_cpu(0)
+  monkeypatch.setenv(cpu_devices.ENV, 'two')
+  with pytest.raises(UsageError, match="VIT_JAX_CPU_DEVICES='two' is not an integer"):
+    cpu_devices.split_cpu()
+
+
+def test_benchmark_runs_on_split_cpu():
+  out = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.benchmark', '--variant', 'tiny/16', '--image_size', '32',
+       '--batch_size', '4', '--steps', '1', '--repeats', '1', '--ceiling_sizes', '0',
+       '--cpu_devices', '2', '--json'],
+      env=clean_env(), capture_output=True, text=True, check=True, cwd=REPO).stdout
+  result = json.loads(out)
+  assert result['devices'] == '2 x cpu'
+  assert '--xla_force_host_platform_device_count=2' in result['xla_flags']
+  bad = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.benchmark', '--variant', 'tiny/16', '--image_size', '32',
+       '--batch_size', '3', '--steps', '1', '--repeats', '1', '--ceiling_sizes', '0',
+       '--cpu_devices', '2'], env=clean_env(), capture_output=True, text=True, cwd=REPO)
+  assert bad.returncode == 2 and 'not divisible by the 2 devices' in bad.stderr, bad.stderr
