@@ -49,8 +49,9 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
   eval_row = [r for r in rows if 'eval/accuracy' in r][-1]
   assert eval_row['eval/num_examples'] == 360 and 0.0 <= eval_row['eval/accuracy'] <= 1.0
 
-  # Same command, longer schedule: continues from step 4 rather than starting over.
-  second = launch(workdir, data_dir, '--config.total_steps=6')
+  # Same command, longer schedule: continues from step 4 rather than starting over, also
+  # with rematerialisation switched on (how the model is computed, not which model it is).
+  second = launch(workdir, data_dir, '--config.total_steps=6', '--config.model.remat=full')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 4' in second.stdout
   assert 'step 2/6' not in second.stdout and 'step 6/6' in second.stdout

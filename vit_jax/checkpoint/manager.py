@@ -24,6 +24,10 @@ from vit_jax.errors import UsageError
 # Config keys that change the shapes of the train state: a workdir whose
 # checkpoints were written with other values belongs to a different model.
 MODEL_KEYS = ('model', 'dataset.num_classes', 'input.image_size', 'optimizer.name')
+# Fields of config.model that change how the model is computed, not its
+# parameters: a run may resume with other values (e.g. remat switched on to
+# fit in memory).
+COMPUTE_ONLY_MODEL_KEYS = ('remat', 'attention', 'dtype')
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -118,6 +122,14 @@ def _lookup(tree: dict, dotted: str) -> Any:
   return tree
 
 
+def _state_defining(config_json: dict, key: str) -> Any:
+  """`_lookup`, with the model's compute-only fields (COMPUTE_ONLY_MODEL_KEYS) left out of 'model'."""
+  value = _lookup(config_json, key)
+  if key == 'model' and isinstance(value, dict):
+    value = {k: v for k, v in value.items() if k not in COMPUTE_ONLY_MODEL_KEYS}
+  return value
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds at least one finished step directory."""
   directory = os.path.join(workdir, 'checkpoints')
@@ -157,9 +169,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_stat
   with open(saved_path) as f:
     saved = json.load(f)
   current = json.loads(config.to_json_best_effort())
-  different = [key for key in MODEL_KEYS if _lookup(saved, key) != _lookup(current, key)]
+  different = [key for key in MODEL_KEYS if _state_defining(saved, key) != _state_defining(current, key)]
   if different:
-    details = '; '.join(f'{k}: saved {_lookup(saved, k)!r}, now {_lookup(current, k)!r}'
+    details = '; '.join(f'{k}: saved {_state_defining(saved, k)!r}, now {_state_defining(current, k)!r}'
                         for k in different)
     raise UsageError(f'--workdir {workdir} holds checkpoints of a different model ({details}). '
                      'Use a new --workdir, or the config that wrote it.')
