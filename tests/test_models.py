@@ -103,6 +103,42 @@ def test_kernel_path_matches_the_explicit_path(monkeypatch):
   np.testing.assert_allclose(fused['encoded'], explicit['encoded'], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
+def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
+  """CPU's hand-written attention backward: the gradients of autodiff's, for self- and cross-attention."""
+  from vit_jax.models.layers import attention_output, head_major_attention
+  q = jax.random.normal(jax.random.key(0), (2, 3, queries, 16), dtype)
+  k, v = jax.random.normal(jax.random.key(1), (2, 2, 3, keys, 16), dtype)
+  d_out = jax.random.normal(jax.random.key(2), (2, 3, queries, 16), dtype)
+
+  def grads(attention):
+    out, vjp = jax.vjp(attention, q, k, v)
+    return (out,) + vjp(d_out)
+  expected = jax.jit(grads, static_argnums=0)(lambda q, k, v: head_major_attention(q, k, v)[0])
+  actual = jax.jit(grads, static_argnums=0)(attention_output)
+  for name, a, e in zip(('out', 'd_q', 'd_k', 'd_v'), actual, expected):
+    assert a.dtype == e.dtype == dtype, name
+    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+    assert np.linalg.norm(a - e) / np.linalg.norm(e) < tol, name
+
+
+def test_model_gradients_equal_on_both_attention_paths():
+  """'fused' on CPU (the hand-written backward) and 'reference' (autodiff) train the same model."""
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  labels = jnp.array([1, 3])
+  params = jax.jit(create_model('tiny/4', 5).init)(jax.random.key(0), images)['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+
+  def grads(attention):
+    model = create_model('tiny/4', 5, attention=attention)
+    loss = lambda p: -jnp.take_along_axis(  # noqa: E731
+        jax.nn.log_softmax(model.apply({'params': p}, images, train=True)[0]), labels[:, None], 1).mean()
+    return jax.jit(jax.grad(loss))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads('fused'), grads('reference'))
+
+
 def test_representation_size_adds_pre_logits():
   model = create_model('tiny/4', 10, representation_size=24)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
