@@ -141,7 +141,9 @@ class MultiHeadDotProductAttention(nn.Module):
   on accelerators; `reference` computes each head's softmax(q k^T / sqrt(d)) v
   explicitly (`head_major_attention`) and can return the attention weights.
   The explicit path also runs for `fused` when weights are asked for, when
-  attention dropout is active in training, and on CPU (see `use_fused_kernel`). With `qk_norm`, q and
+  attention dropout is active in training, and on CPU (see `use_fused_kernel`;
+  there `fused` takes `attention_output`, the same function with a backward
+  written for XLA:CPU, and `reference` plain autodiff). With `qk_norm`, q and
   k are layer-normalised per head before the dot product (ViT-22B).
   """
 
