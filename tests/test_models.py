@@ -123,20 +123,26 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
     assert np.linalg.norm(a - e) / np.linalg.norm(e) < tol, name
 
 
-def test_model_gradients_equal_on_both_attention_paths():
-  """'fused' on CPU (the hand-written backward) and 'reference' (autodiff) train the same model."""
+def tiny_loss_and_grads(**model_options):
+  """Loss and gradients of a tiny/4 model (5 classes) on two fixed images, with a non-zero head
+  so that gradients reach every block; the same parameters whatever `model_options` say."""
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   labels = jnp.array([1, 3])
   params = jax.jit(create_model('tiny/4', 5).init)(jax.random.key(0), images)['params']
   params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+  model = create_model('tiny/4', 5, **model_options)
 
-  def grads(attention):
-    model = create_model('tiny/4', 5, attention=attention)
-    loss = lambda p: -jnp.take_along_axis(  # noqa: E731
-        jax.nn.log_softmax(model.apply({'params': p}, images, train=True)[0]), labels[:, None], 1).mean()
-    return jax.jit(jax.grad(loss))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads('fused'), grads('reference'))
+  def loss(p):
+    logits = model.apply({'params': p}, images, train=True)[0]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_model_gradients_equal_on_both_attention_paths():
+  """'fused' on CPU (the hand-written backward) and 'reference' (autodiff) train the same model."""
+  _, fused = tiny_loss_and_grads(attention='fused')
+  _, reference = tiny_loss_and_grads(attention='reference')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fused, reference)
 
 
 def test_representation_size_adds_pre_logits():
@@ -277,24 +283,10 @@ def test_fused_and_reference_agree_on_cross_attention_with_relative_error():
 
 def test_remat_policies_keep_loss_and_gradients():
   """Every remat setting computes the same function: only what is stored for the backward pass differs."""
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  labels = jnp.array([1, 3])
-  params = jax.jit(create_model('tiny/4', 5).init)(jax.random.key(0), images)['params']
-  # A non-zero head, so that gradients reach every block.
-  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
-
-  def loss_and_grads(remat):
-    model = create_model('tiny/4', 5, remat=remat)
-
-    def loss(p):
-      logits = model.apply({'params': p}, images, train=True)[0]
-      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  expected_loss, expected_grads = loss_and_grads(False)
+  expected_loss, expected_grads = tiny_loss_and_grads(remat=False)
   for remat in (True, 'none', 'full', 'nothing_saveable', 'dots_saveable',
                 'dots_with_no_batch_dims_saveable'):
-    loss, grads = loss_and_grads(remat)
+    loss, grads = tiny_loss_and_grads(remat=remat)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6, err_msg=str(remat))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(remat)),
                  grads, expected_grads)
