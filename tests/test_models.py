@@ -1,5 +1,6 @@
 """The ViT: published parameter counts, shapes, options, and the two attention paths."""
 
+import functools
 import math
 
 import jax
@@ -123,13 +124,20 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
     assert np.linalg.norm(a - e) / np.linalg.norm(e) < tol, name
 
 
-def tiny_loss_and_grads(**model_options):
-  """Loss and gradients of a tiny/4 model (5 classes) on two fixed images, with a non-zero head
-  so that gradients reach every block; the same parameters whatever `model_options` say."""
+@functools.lru_cache(maxsize=None)
+def tiny_batch_and_params():
+  """Two fixed images, their labels, and tiny/4 parameters (5 classes) with a non-zero head, so
+  that gradients reach every block. Cached: callers must not modify them."""
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   labels = jnp.array([1, 3])
   params = jax.jit(create_model('tiny/4', 5).init)(jax.random.key(0), images)['params']
   params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+  return images, labels, params
+
+
+def tiny_loss_and_grads(**model_options):
+  """Loss and gradients of tiny/4 built with `model_options` at the same parameters and batch."""
+  images, labels, params = tiny_batch_and_params()
   model = create_model('tiny/4', 5, **model_options)
 
   def loss(p):
