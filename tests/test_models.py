@@ -124,6 +124,30 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
     assert np.linalg.norm(a - e) / np.linalg.norm(e) < tol, name
 
 
+@pytest.mark.parametrize('x_shape,w_shape,contract', [
+    ((2, 5, 8), (8, 24), 1),      # Dense, wide output: x is the narrower weight-gradient operand.
+    ((2, 5, 24), (24, 8), 1),     # Dense, narrow output: g is.
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # DenseGeneral over the (heads, head_dim) axes, as `out`.
+])
+def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
+  """The projections' dot_general on CPU: lax.dot_general's values and gradients."""
+  from vit_jax.models.layers import dense_dot_general
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
+  numbers = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
+  g = jax.random.normal(jax.random.key(2), x_shape[:-contract] + w_shape[contract:])
+
+  def value_and_grads(dot):
+    out, vjp = jax.vjp(lambda x, w: dot(x, w, numbers), x, w)
+    return (out,) + vjp(g)
+  for a, e in zip(value_and_grads(dense_dot_general), value_and_grads(jax.lax.dot_general)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+  # Other contractions (here a batched one) pass through to lax.dot_general.
+  a, b = jax.random.normal(jax.random.key(3), (2, 5, 8)), jax.random.normal(jax.random.key(4), (2, 8, 4))
+  batched = (((2,), (1,)), ((0,), (0,)))
+  np.testing.assert_array_equal(dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_batch_and_params():
   """Two fixed images, their labels, and tiny/4 parameters (5 classes) with a non-zero head, so
