@@ -10,9 +10,10 @@ runs the step on `batch / n` images and the programs fill each other's idle
 cores. Results equal the one-device results up to float rounding (the
 gradient mean is summed in a different order).
 
-Measured on 2 cores (README, Performance): 2 devices train ViT-Ti/16 2-14%
-faster than one (against timm: 0.88-0.89x became 0.95-1.23x); B/16, whose
-products already fill both cores, gains nothing, and 4 devices are slower.
+Measured on 2 cores (README, Performance): 2 devices train ViT-Ti/16 faster
+than one (against timm at batch 8: 0.95-0.98x on one device, 1.03-1.16x on
+two); B/16, whose products already fill both cores, gains nothing, and 4
+devices are slower.
 The batch (and the eval batch) must divide by `n`.
 """
 

@@ -144,7 +144,7 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   leading axes of the kernel, no batch axes) as one 2-D product through
   `_matmul`; anything else, or a `precision` / `preferred_element_type`, goes
   to `lax.dot_general` unchanged. Same values and gradients up to float
-  rounding; Ti/16 and B/16 train steps 1.02-1.05x on CPU (README, Performance).
+  rounding; Ti/16 and B/16 forward + backward 1.01-1.05x on CPU (README, Performance).
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   n = len(lhs_contract)
