@@ -3,8 +3,9 @@
 A config file picks a dataset with one call, after which its own fields still
 override anything:
 
-  from configs import base, datasets
-  config = datasets.apply(base.get_config(), 'cifar100')
+  from configs import datasets
+  from vit_jax.config import defaults
+  config = datasets.apply(defaults.get_config(), 'cifar100')
 
 Facts checked against the tfds catalog (tensorflow_datasets 4.9): split names
 and sizes, number of classes, and which datasets need manual downloads

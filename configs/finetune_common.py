@@ -13,7 +13,8 @@ in that code) and flips; evaluation resizes the whole image to 384 px.
 
 import ml_collections
 
-from configs import base, datasets
+from configs import datasets
+from vit_jax.config import defaults
 
 PRETRAINED = 'ViT-B_16.npz'  # ImageNet-21k ViT-B/16 of the original release (gs://vit_models/imagenet21k/).
 
@@ -21,7 +22,7 @@ PRETRAINED = 'ViT-B_16.npz'  # ImageNet-21k ViT-B/16 of the original release (gs
 def paper_setup(dataset: str, total_steps: int, warmup_steps: int,
                 learning_rate: float = 0.03) -> ml_collections.ConfigDict:
   """Base config changed to fine-tune ViT-B/16 from PRETRAINED on dataset preset `dataset`."""
-  config = datasets.apply(base.get_config(), dataset)
+  config = datasets.apply(defaults.get_config(), dataset)
   config.batch_size = 512
   config.eval_batch_size = 512
   config.total_steps = total_steps

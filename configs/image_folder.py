@@ -20,12 +20,12 @@ for quick experiments.
 
 import os
 
-from configs import base
-from vit_jax.datasets import image_folder
+from vit_jax.config import defaults
+from vit_jax.data.builders import image_folder
 
 
 def get_config(path: str = ''):
-  config = base.get_config()
+  config = defaults.get_config()
   config.dataset.name = 'image_folder'
   config.dataset.folder = path
   config.dataset.train_split = 'train'

@@ -8,11 +8,11 @@ patches (16 tokens). A 4-layer, 96-wide ViT trained for 1,200 steps reaches
 about 98% accuracy on the 360 test images on 2 CPU cores (see README).
 """
 
-from configs import base
+from vit_jax.config import defaults
 
 
 def get_config():
-  config = base.get_config()
+  config = defaults.get_config()
   config.batch_size = 128
   config.total_steps = 1200
   config.log_every_steps = 100

@@ -12,13 +12,13 @@ Needs imagenet2012 prepared in array_record format (see README, "Data"); for
 another tfds dataset set --config.dataset.name and --config.dataset.num_classes.
 """
 
-from configs import base
+from vit_jax.config import defaults
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def get_config():
-  config = base.get_config()
+  config = defaults.get_config()
   config.batch_size = 4096
   config.eval_batch_size = 4096
   config.total_steps = 300 * IMAGENET_TRAIN_EXAMPLES // config.batch_size  # 300 epochs.

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   """A tfds data directory holding the prepared sklearn_digits dataset."""
-  from vit_jax.datasets.sklearn_digits import SklearnDigits
+  from vit_jax.data.builders.sklearn_digits import SklearnDigits
   path = str(tmp_path_factory.mktemp('tfds'))
   SklearnDigits(data_dir=path, file_format='array_record').download_and_prepare()
   return path

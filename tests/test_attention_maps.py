@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import attention_maps
+from vit_jax.tools import attention_maps
 from vit_jax.models import create_model
 
 

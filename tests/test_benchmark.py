@@ -1,4 +1,4 @@
-"""vit_jax.benchmark on the tiny variant, and the side-by-side script without torch."""
+"""vit_jax.bench.benchmark on the tiny variant, and the side-by-side script without torch."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from vit_jax import benchmark, benchmark_timm
+from vit_jax.bench import benchmark
+from vit_jax.bench import timm as benchmark_timm
 from vit_jax.models import create_model
 
 # A small program: its XLA FLOP count is dominated by the matmuls, as a real model's.

@@ -1,4 +1,4 @@
-"""vit_jax.cpu_devices: the CPU split into several JAX devices, and its errors."""
+"""vit_jax.cpu.devices: the CPU split into several JAX devices, and its errors."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from vit_jax import cpu_devices
+from vit_jax.cpu import devices as cpu_devices
 from vit_jax.errors import UsageError
 
 
@@ -19,7 +19,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def device_count_after(code: str, **env: str) -> str:
-  script = f'from vit_jax import cpu_devices\n{code}\nimport jax\nprint(jax.device_count())'
+  script = f'from vit_jax.cpu import devices as cpu_devices\n{code}\nimport jax\nprint(jax.device_count())'
   return subprocess.run([sys.executable, '-c', script], env=clean_env(**env), capture_output=True,
                         text=True, check=True, cwd=REPO).stdout.split()
 
@@ -47,7 +47,7 @@ def test_existing_xla_flag_stands_and_conflicts_are_errors(monkeypatch):
 
 def test_benchmark_runs_on_split_cpu():
   out = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.benchmark', '--variant', 'tiny/16', '--image_size', '32',
+      [sys.executable, '-m', 'vit_jax', 'benchmark', '--variant', 'tiny/16', '--image_size', '32',
        '--batch_size', '4', '--steps', '1', '--repeats', '1', '--ceiling_sizes', '0',
        '--cpu_devices', '2', '--json'],
       env=clean_env(), capture_output=True, text=True, check=True, cwd=REPO).stdout

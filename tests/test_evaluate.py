@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.trained_run import trained_run, trained_workdir
-from vit_jax import evaluate
+from vit_jax.tools import evaluate
 from vit_jax.errors import UsageError
 
 

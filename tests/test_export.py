@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 from tests.trained_run import trained_run, trained_workdir
-from vit_jax import export, input_pipeline, predict
+from vit_jax.tools import export
+from vit_jax.data import pipeline
+from vit_jax.tools import predict
 
 
 @pytest.fixture
 def images(tmp_path, tiny_config):
   """Three test-split digits as PNG files in a folder."""
-  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  split = pipeline.open_split(tiny_config.dataset, 'test')
   folder = tmp_path / 'digits'
   folder.mkdir()
   for i in range(3):

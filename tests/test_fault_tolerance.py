@@ -18,9 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+from vit_jax.config import defaults
 from tests.conftest import REPO
-from vit_jax import checkpoint, sharding, train
+from vit_jax import checkpoint
+from vit_jax.training import sharding
+from vit_jax.training import loop, steps
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 
@@ -56,7 +58,7 @@ def run_until(workdir, data_dir, stop_step, sig):
 
 def run_config(data_dir):
   """The config the launcher builds from RUN_FLAGS, for restoring its checkpoints here."""
-  config = base.get_config()
+  config = defaults.get_config()
   config.dataset.data_dir = data_dir
   config.batch_size = 128
   config.total_steps = TOTAL_STEPS
@@ -65,7 +67,7 @@ def run_config(data_dir):
 
 
 def final_state(workdir, config):
-  run = train.setup(config, sharding.make_mesh(config))
+  run = loop.setup(config, sharding.make_mesh(config))
   abstract = sharding.placed(run.abstract_state, run.state_sharding)
   return checkpoint.restore_latest(checkpoint.create_manager(str(workdir), config), abstract)
 
@@ -122,7 +124,7 @@ def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_pa
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config, workdir)  # Checkpoints at steps 3 and 6.
+  loop.train_and_evaluate(tiny_config, workdir)  # Checkpoints at steps 3 and 6.
   # Truncate the array data of step 6, and leave the kind of temporary
   # directory that a crash in the middle of a write leaves.
   for root, _, names in os.walk(os.path.join(workdir, 'checkpoints', '6')):
@@ -134,7 +136,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
   capsys.readouterr()
 
   tiny_config.total_steps = 9
-  final = train.train_and_evaluate(tiny_config, workdir)
+  final = loop.train_and_evaluate(tiny_config, workdir)
   out = capsys.readouterr().out
   assert 'Checkpoint at step 6 is damaged' in out
   assert 'Resuming from the checkpoint at step 3' in out
@@ -151,8 +153,8 @@ def test_divergence_stops_with_the_step_and_keeps_only_finite_checkpoints(tiny_c
   tiny_config.log_every_steps = 5
   tiny_config.checkpoint_every_steps = 1
   tiny_config.eval_every_steps = 100
-  with pytest.raises(train.DivergenceError, match=r'diverged at step (\d+)') as error:
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+  with pytest.raises(steps.DivergenceError, match=r'diverged at step (\d+)') as error:
+    loop.train_and_evaluate(tiny_config, str(tmp_path))
   diverged = int(str(error.value).split('diverged at step ')[1].split(':')[0])
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
   assert steps and steps[-1] == diverged - 1  # Every step before is kept, the bad one never saved.
@@ -179,13 +181,13 @@ def snapshot(directory):
 def saved_run(tmp_path_factory, data_dir):
   """A finished 4-step run of configs/base.py, and a snapshot of its files."""
   workdir = tmp_path_factory.mktemp('saved') / 'run'
-  config = base.get_config()
+  config = defaults.get_config()
   config.dataset.data_dir = data_dir
   config.batch_size = 32
   config.total_steps = 4
   config.checkpoint_every_steps = 2
   config.eval_every_steps = 4
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   return workdir, snapshot(workdir)
 
 
@@ -252,7 +254,7 @@ def test_full_workdir_fails_cleanly_and_keeps_the_previous_checkpoints(saved_run
 def test_free_space_is_checked_against_the_checkpoint_size(tmp_path):
   huge = {'params': jax.ShapeDtypeStruct((2**50,), np.float32)}
   with pytest.raises(UsageError, match='MiB free, but two checkpoints of this model need'):
-    checkpoint.check_workdir(str(tmp_path / 'run'), base.get_config(), huge)
+    checkpoint.check_workdir(str(tmp_path / 'run'), defaults.get_config(), huge)
   assert not (tmp_path / 'run').exists()
 
 
@@ -274,5 +276,5 @@ def test_bad_pretrained_file_fails_before_the_workdir_is_created(tiny_config, tm
   tiny_config.init.path = str(path)
   workdir = tmp_path / 'run'
   with pytest.raises(UsageError, match=message):
-    train.train_and_evaluate(tiny_config, str(workdir))
+    loop.train_and_evaluate(tiny_config, str(workdir))
   assert not workdir.exists()

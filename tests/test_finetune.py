@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import launch
-from vit_jax import train
+from vit_jax.training import loop, steps
 from vit_jax.checkpoint import load_for_model, resize_posemb, save_npz
 from vit_jax.checkpoint.npz import flatten_params, load_pretrained
 from vit_jax.errors import UsageError
@@ -53,7 +53,7 @@ def test_finetune_through_launcher_resizes_posemb_and_resets_head(tmp_path, data
 def test_finetune_errors_are_usage_errors(tiny_config, tmp_path):
   tiny_config.init.path = str(tmp_path / 'missing.npz')
   with pytest.raises(UsageError, match='missing.npz.*does not exist'):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+    loop.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
 
   # A checkpoint of another architecture names the keys that do not fit.
   other = create_model('tiny/4', 10, pool='gap')
@@ -61,7 +61,7 @@ def test_finetune_errors_are_usage_errors(tiny_config, tmp_path):
   save_npz(params, str(tmp_path / 'gap.npz'))
   tiny_config.init.path = str(tmp_path / 'gap.npz')
   with pytest.raises(UsageError, match=r'does not fit the model: 1 missing: cls'):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'run2'))
+    loop.train_and_evaluate(tiny_config, str(tmp_path / 'run2'))
 
 
 @pytest.mark.parametrize('name,dataset,steps', [('cifar10', 'cifar10', 10_000), ('cifar100', 'cifar100', 10_000),

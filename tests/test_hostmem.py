@@ -1,4 +1,4 @@
-"""vit_jax.hostmem: freed host memory stays in the process, so repeated large allocations stop faulting."""
+"""vit_jax.cpu.hostmem: freed host memory stays in the process, so repeated large allocations stop faulting."""
 
 import os
 import subprocess
@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from vit_jax import hostmem
+from vit_jax.cpu import hostmem
 
 # Allocates and frees a 64 MiB buffer (a train step's temporaries in miniature)
 # ten times after one warm-up, from a worker thread as XLA's executor does,
 # and prints the minor page faults of the ten.
 PROBE = r'''
 import ctypes, resource, sys, threading
-from vit_jax import hostmem
+from vit_jax.cpu import hostmem
 import jax
 print(hostmem.retain_freed_memory(), hostmem.retaining(), jax.config.read('jax_cpu_enable_async_dispatch'))
 libc = ctypes.CDLL(None)

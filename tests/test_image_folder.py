@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
-from vit_jax import input_pipeline
-from vit_jax.datasets import image_folder
+from vit_jax.data import pipeline
+from vit_jax.data.builders import image_folder
 from vit_jax.errors import UsageError
 
 CLASSES = ('cat', 'dog', 'emu')
@@ -112,16 +112,16 @@ def test_bad_folders_are_clear_errors(tmp_path, tiny_config):
   for root, message in cases:
     config = _config(tiny_config, root)
     with pytest.raises(UsageError, match=message) as error:
-      input_pipeline.open_split(config.dataset, 'train')
+      pipeline.open_split(config.dataset, 'train')
     assert '\n' not in str(error.value)
   config = _config(tiny_config, str(tmp_path / 'one'))
   _write_images(tmp_path / 'one' / 'second_class', 2, seed=1)
   config.dataset.num_classes = 3
   with pytest.raises(UsageError, match='has 2 classes but config.dataset.num_classes=3'):
-    input_pipeline.open_split(config.dataset, 'train')
+    pipeline.open_split(config.dataset, 'train')
   config.dataset.num_classes = 2
   with pytest.raises(UsageError, match="no split 'validation'; its splits are train, test"):
-    input_pipeline.open_split(config.dataset, 'validation')
+    pipeline.open_split(config.dataset, 'validation')
 
 
 @pytest.mark.parametrize('eval_batch_size', [4, 6])
@@ -129,9 +129,9 @@ def test_two_processes_evaluate_an_uneven_split_exactly_once(folder, tiny_config
   config = _config(tiny_config, folder)
   config.dataset.test_fraction = 0.4  # 4 + 4 + 3 = 11 test images: uneven for every batch size here.
   config.eval_batch_size = eval_batch_size
-  split = input_pipeline.open_split(config.dataset, 'test')
+  split = pipeline.open_split(config.dataset, 'test')
   assert len(split) == 11
-  per_process = [list(input_pipeline.eval_iterator(config, split, i, 2)) for i in range(2)]
+  per_process = [list(pipeline.eval_iterator(config, split, i, 2)) for i in range(2)]
   assert len(per_process[0]) == len(per_process[1]) == -(-11 // eval_batch_size)
   labels = np.concatenate([np.concatenate([p[s]['label'] for p in per_process]) for s in range(len(per_process[0]))])
   mask = np.concatenate([np.concatenate([p[s]['mask'] for p in per_process]) for s in range(len(per_process[0]))])
@@ -145,9 +145,9 @@ def test_two_processes_split_a_mixed_randaugmented_batch(folder, tiny_config):
   config.input.randaugment.num_layers = 1
   config.input.mixup_alpha = 0.8
   config.input.cutmix_alpha = 1.0
-  split = input_pipeline.open_split(config.dataset, 'train')
-  one = input_pipeline.train_iterator(config, split, 0)
-  two = [input_pipeline.train_iterator(config, split, 0, i, 2) for i in range(2)]
+  split = pipeline.open_split(config.dataset, 'train')
+  one = pipeline.train_iterator(config, split, 0)
+  two = [pipeline.train_iterator(config, split, 0, i, 2) for i in range(2)]
   for _ in range(3):  # 24 examples: crosses the epoch boundary at 20.
     whole, halves = next(one), [next(it) for it in two]
     assert whole['label'].shape == (8, 3) and whole['label'].dtype == np.float32
@@ -156,7 +156,7 @@ def test_two_processes_split_a_mixed_randaugmented_batch(folder, tiny_config):
       np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
   config.batch_size = 6  # 3 per process: pairs would straddle processes.
   with pytest.raises(UsageError, match='per-process batch must be even'):
-    input_pipeline.train_iterator(config, split, 0, 0, 2)
+    pipeline.train_iterator(config, split, 0, 0, 2)
 
 
 def test_image_folder_trains_through_the_launcher(folder, tmp_path):

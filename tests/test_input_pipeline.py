@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from vit_jax import input_pipeline
-from vit_jax.datasets import sklearn_digits
+from vit_jax.data import pipeline
+from vit_jax.data.builders import sklearn_digits
 from vit_jax.errors import UsageError
 
 
 def test_digits_builder_splits_and_content(tiny_config):
-  train = input_pipeline.open_split(tiny_config.dataset, 'train')
-  test = input_pipeline.open_split(tiny_config.dataset, 'test')
+  train = pipeline.open_split(tiny_config.dataset, 'train')
+  test = pipeline.open_split(tiny_config.dataset, 'test')
   assert (len(train), len(test)) == (sklearn_digits.NUM_TRAIN_EXAMPLES, sklearn_digits.NUM_TEST_EXAMPLES)
   assert test.class_names == [str(d) for d in range(10)]
   # The test split holds exactly the images with index % 5 == 0, scaled to 0..255.
@@ -27,7 +27,7 @@ def test_digits_builder_splits_and_content(tiny_config):
 def _eval_labels_and_masks(config, split, process_count):
   per_process = []
   for index in range(process_count):
-    batches = list(input_pipeline.eval_iterator(config, split, index, process_count))
+    batches = list(pipeline.eval_iterator(config, split, index, process_count))
     per_process.append(batches)
   num_batches = {len(b) for b in per_process}
   assert len(num_batches) == 1, 'every process must run the same number of eval steps'
@@ -39,7 +39,7 @@ def test_eval_visits_every_example_exactly_once(tiny_config, eval_batch_size, pr
   tiny_config.eval_batch_size = eval_batch_size
   if eval_batch_size % process_count:
     pytest.skip('batch must split over processes')
-  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  split = pipeline.open_split(tiny_config.dataset, 'test')
   per_process = _eval_labels_and_masks(tiny_config, split, process_count)
   masks = np.concatenate([b['mask'] for batches in per_process for b in batches])
   assert masks.sum() == len(split) == 360
@@ -55,10 +55,10 @@ def test_eval_visits_every_example_exactly_once(tiny_config, eval_batch_size, pr
 
 
 def test_train_batch_independent_of_process_count(tiny_config):
-  split = input_pipeline.open_split(tiny_config.dataset, 'train')
+  split = pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.batch_size = 32
-  one = input_pipeline.train_iterator(tiny_config, split, start_step=0)
-  two = [input_pipeline.train_iterator(tiny_config, split, 0, i, 2) for i in range(2)]
+  one = pipeline.train_iterator(tiny_config, split, start_step=0)
+  two = [pipeline.train_iterator(tiny_config, split, 0, i, 2) for i in range(2)]
   for _ in range(3):
     whole = next(one)
     halves = [next(it) for it in two]
@@ -70,7 +70,7 @@ def test_train_positions_are_disjoint_and_cover_each_epoch():
   n, batch = 50, 8
   seen = []
   for process in range(2):
-    it = input_pipeline.train_positions(n, batch, seed=3, start_step=0, process_index=process, process_count=2)
+    it = pipeline.train_positions(n, batch, seed=3, start_step=0, process_index=process, process_count=2)
     seen.append([next(it) for _ in range(25)])  # 25 steps * 8 = 200 = 4 epochs
   for step in range(25):
     assert not set(seen[0][step][1]) & set(seen[1][step][1])
@@ -80,22 +80,22 @@ def test_train_positions_are_disjoint_and_cover_each_epoch():
 
 
 def test_train_order_is_seeded_and_resumable(tiny_config):
-  split = input_pipeline.open_split(tiny_config.dataset, 'train')
-  first = input_pipeline.train_iterator(tiny_config, split, start_step=0)
+  split = pipeline.open_split(tiny_config.dataset, 'train')
+  first = pipeline.train_iterator(tiny_config, split, start_step=0)
   batches = [next(first) for _ in range(4)]
-  resumed = input_pipeline.train_iterator(tiny_config, split, start_step=2)
+  resumed = pipeline.train_iterator(tiny_config, split, start_step=2)
   np.testing.assert_array_equal(next(resumed)['image'], batches[2]['image'])
   tiny_config.seed = 1
-  other = input_pipeline.train_iterator(tiny_config, split, start_step=0)
+  other = pipeline.train_iterator(tiny_config, split, start_step=0)
   assert not np.array_equal(next(other)['label'], batches[0]['label'])
 
 
 def test_train_images_have_model_shape_and_range(tiny_config):
-  split = input_pipeline.open_split(tiny_config.dataset, 'train')
+  split = pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.input.image_size = 16
   tiny_config.input.train_crop = 'random_resized'
   tiny_config.input.crop_min_area = 0.3
-  batch = next(input_pipeline.train_iterator(tiny_config, split, 0))
+  batch = next(pipeline.train_iterator(tiny_config, split, 0))
   assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.float32
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
   assert batch['label'].dtype == np.int32 and batch['label'].max() < 10
@@ -105,34 +105,35 @@ def test_missing_dataset_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.dataset.name = 'cifar10'
   tiny_config.dataset.data_dir = str(tmp_path)
   with pytest.raises(UsageError, match=f"'cifar10' is not prepared in {tmp_path}.*tfds build cifar10"):
-    input_pipeline.open_split(tiny_config.dataset, 'train')
+    pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.dataset.name = 'no_such_dataset_xyz'
   with pytest.raises(UsageError, match='Unknown dataset'):
-    input_pipeline.open_split(tiny_config.dataset, 'train')
+    pipeline.open_split(tiny_config.dataset, 'train')
 
 
 def test_batch_not_divisible_by_processes_is_an_error():
   with pytest.raises(UsageError, match='not divisible by the 3 processes'):
-    input_pipeline.local_batch_size(32, 3)
+    pipeline.local_batch_size(32, 3)
 
 
 def test_dataset_presets_agree_with_the_tfds_catalog(tmp_path):
   """Each preset names a tfds dataset whose label feature has the preset's class count."""
   import tensorflow_datasets as tfds
-  from configs import base, datasets
+  from configs import datasets
+  from vit_jax.config import defaults
   for name, preset in datasets.PRESETS.items():
     builder = tfds.builder(preset.tfds_name, data_dir=str(tmp_path))
     assert builder.info.features['label'].num_classes == preset.num_classes, name
     assert 'image' in builder.info.features, name
-    config = datasets.apply(base.get_config(), name)
+    config = datasets.apply(defaults.get_config(), name)
     assert (config.dataset.name, config.dataset.num_classes) == (preset.tfds_name, preset.num_classes)
   with pytest.raises(ValueError, match='Unknown dataset preset'):
-    datasets.apply(base.get_config(), 'imagenet')
+    datasets.apply(defaults.get_config(), 'imagenet')
 
 
 def test_split_strings_combine_and_slice(tiny_config):
-  both = input_pipeline.open_split(tiny_config.dataset, 'train+test')
-  part = input_pipeline.open_split(tiny_config.dataset, 'train[:10%]')
+  both = pipeline.open_split(tiny_config.dataset, 'train+test')
+  part = pipeline.open_split(tiny_config.dataset, 'train[:10%]')
   assert (len(both), len(part)) == (1797, 144)
 
 
@@ -149,30 +150,30 @@ def test_manual_dir_prepares_a_manual_dataset(tiny_config, tmp_path):
   tiny_config.dataset.name = 'manual_toy_digits'
   tiny_config.dataset.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(UsageError, match='from its manually downloaded files.*config.dataset.manual_dir'):
-    input_pipeline.open_split(tiny_config.dataset, 'test')
+    pipeline.open_split(tiny_config.dataset, 'test')
   tiny_config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
   with pytest.raises(UsageError, match='is not a directory'):
-    input_pipeline.open_split(tiny_config.dataset, 'test')
+    pipeline.open_split(tiny_config.dataset, 'test')
   manual = tmp_path / 'manual'
   manual.mkdir()
   tiny_config.dataset.manual_dir = str(manual)
   with pytest.raises(UsageError, match='Preparing .* failed: Manual directory .* is empty'):
-    input_pipeline.open_split(tiny_config.dataset, 'test')
+    pipeline.open_split(tiny_config.dataset, 'test')
   (manual / 'digits.txt').write_text('here')
-  assert len(input_pipeline.open_split(tiny_config.dataset, 'test')) == 360
+  assert len(pipeline.open_split(tiny_config.dataset, 'test')) == 360
 
 
 def test_mean_std_normalization_and_bad_keys(tiny_config):
-  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  split = pipeline.open_split(tiny_config.dataset, 'test')
   tiny_config.input.normalization = 'mean_std'
   tiny_config.input.mean = (0.5, 0.5, 0.5)
   tiny_config.input.std = (0.25, 0.25, 0.25)
-  image = next(input_pipeline.eval_iterator(tiny_config, split))['image']
+  image = next(pipeline.eval_iterator(tiny_config, split))['image']
   assert image.min() >= -2.0 - 1e-6 and image.max() <= 2.0 + 1e-6 and image.min() < -1.5
   tiny_config.input.normalization = 'imagenet'
   with pytest.raises(UsageError, match="normalization 'imagenet'"):
-    input_pipeline.eval_iterator(tiny_config, split)
+    pipeline.eval_iterator(tiny_config, split)
   tiny_config.input.normalization = 'value_range'
   tiny_config.input.randaugment.magnitude = 12
   with pytest.raises(UsageError, match='magnitude in 0..10'):
-    input_pipeline.train_iterator(tiny_config, split, 0)
+    pipeline.train_iterator(tiny_config, split, 0)

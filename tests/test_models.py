@@ -131,7 +131,7 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
 ])
 def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
   """The projections' dot_general on CPU: lax.dot_general's values and gradients."""
-  from vit_jax.models.layers import dense_dot_general
+  from vit_jax.cpu.kernels import dense_dot_general
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), w_shape)
   numbers = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
@@ -328,10 +328,10 @@ def test_unknown_remat_policy_is_a_clear_error():
   model = create_model('tiny/4', 5, remat='dots')
   with pytest.raises(ValueError, match="Unknown remat policy 'dots'; use False, True or one of none, full"):
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  from configs import base
+  from vit_jax.config import defaults
   from vit_jax.errors import UsageError
   from vit_jax.models import model_from_config
-  config = base.get_config()
+  config = defaults.get_config()
   config.model.remat = 'dot_saveable'
   with pytest.raises(UsageError, match="config.model.remat: Unknown remat policy 'dot_saveable'.*dots_saveable"):
     model_from_config(config)

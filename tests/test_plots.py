@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.trained_run import trained_workdir
-from vit_jax import plots
+from vit_jax.tools import plots
 from vit_jax.errors import UsageError
 
 
@@ -45,7 +45,7 @@ def test_plot_of_a_real_and_a_fake_run_is_written(tiny_config, tmp_path_factory,
 def test_command_writes_the_png(tmp_path):
   run = fake_run(tmp_path / 'run', range(10, 61, 10))
   out = tmp_path / 'curves.png'
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.plots', str(run), '--out', str(out)],
+  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'plots', str(run), '--out', str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == f'wrote {out}' and out.stat().st_size > 10_000

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.trained_run import trained_run, trained_workdir
-from vit_jax import input_pipeline, predict
+from vit_jax.data import pipeline
+from vit_jax.tools import predict
 from vit_jax.errors import UsageError
 
 LINE = re.compile(r'^  +(\d+\.\d\d)%  (\S+)$')
@@ -30,7 +31,7 @@ def run(tiny_config, tmp_path_factory):
 @pytest.fixture
 def images(tmp_path, tiny_config):
   """Four test-split digits as 8x8 PNG files in a folder, in record order, and their labels."""
-  split = input_pipeline.open_split(tiny_config.dataset, 'test')
+  split = pipeline.open_split(tiny_config.dataset, 'test')
   folder = tmp_path / 'digits'
   folder.mkdir()
   labels = []
@@ -48,7 +49,7 @@ def test_command_prints_top_k_per_image_and_writes_attention_maps(workdir, image
   Image.open(folder / 'digit_0.png').convert('RGB').resize((37, 23)).save(big)
   maps = tmp_path / 'maps'
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.predict', '--workdir', workdir, '--top_k', '3', '--batch_size', '2',
+      [sys.executable, '-m', 'vit_jax', 'predict', '--workdir', workdir, '--top_k', '3', '--batch_size', '2',
        '--attention_maps', str(maps), str(folder), str(big)],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -73,7 +74,7 @@ def test_command_prints_top_k_per_image_and_writes_attention_maps(workdir, image
 
 
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.predict', '--workdir', workdir,
+  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'predict', '--workdir', workdir,
                            str(tmp_path / 'missing.png')], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert result.stderr.strip().split('\n')[-1] == f"error: No such image file or folder: '{tmp_path / 'missing.png'}'."
@@ -82,8 +83,8 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path):
 def test_images_get_exactly_the_eval_preprocessing(run, images):
   folder, _ = images
   from_files = predict.load_images(run.config, predict.find_images([str(folder)]))
-  split = input_pipeline.open_split(run.config.dataset, run.config.dataset.eval_split)
-  batch = next(input_pipeline.eval_iterator(run.config, split))
+  split = pipeline.open_split(run.config.dataset, run.config.dataset.eval_split)
+  batch = next(pipeline.eval_iterator(run.config, split))
   np.testing.assert_array_equal(from_files, batch['image'][:4])
 
 

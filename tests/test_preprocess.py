@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vit_jax import augment, preprocess
+from vit_jax.data import augment
+from vit_jax.data import preprocess
 
 OPERATION_NAMES = ['identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize',
                    'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y']

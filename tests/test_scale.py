@@ -16,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+from vit_jax.config import defaults
 from tests.conftest import REPO
-from vit_jax import checkpoint, input_pipeline, sharding, train
+from vit_jax import checkpoint
+from vit_jax.data import pipeline
+from vit_jax.training import sharding
+from vit_jax.training import loop, steps
 
 STEPS = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # float32 rounding of differently ordered sums.
@@ -34,7 +37,7 @@ def config(data_dir):
   layout. SGD passes gradients through linearly, so any layout-dependent
   difference beyond rounding would show in the parameters.
   """
-  config = base.get_config()
+  config = defaults.get_config()
   config.dataset.data_dir = data_dir
   config.batch_size = 32
   config.total_steps = STEPS  # The learning-rate schedule depends on it.
@@ -48,12 +51,12 @@ def config(data_dir):
 def train_steps(config, devices, num_steps, state=None):
   """Runs `num_steps` real train steps on a mesh over `devices`; returns (state, losses)."""
   mesh = sharding.make_mesh(config, devices)
-  run = train.setup(config, mesh)
-  init_rng, dropout_rng = train.seed_rngs(config)
+  run = loop.setup(config, mesh)
+  init_rng, dropout_rng = loop.seed_rngs(config)
   if state is None:
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_rng)
-  split = input_pipeline.open_split(config.dataset, config.dataset.train_split)
-  batches = input_pipeline.train_iterator(config, split, int(state.step), 0, 1)
+  split = pipeline.open_split(config.dataset, config.dataset.train_split)
+  batches = pipeline.train_iterator(config, split, int(state.step), 0, 1)
   losses = []
   for _ in range(num_steps):
     state, metrics = run.step_fn(state, sharding.global_batch(next(batches), run.batch_sharding),
@@ -109,7 +112,7 @@ def test_checkpoint_from_one_device_resumes_on_eight(config, one_device_run, tmp
   manager.wait_until_finished()
 
   mesh = sharding.make_mesh(config)  # All 8 devices.
-  run = train.setup(config, mesh)
+  run = loop.setup(config, mesh)
   abstract = sharding.placed(run.abstract_state, run.state_sharding)
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path), config), abstract)
   assert int(restored.step) == STEPS // 2
@@ -159,7 +162,7 @@ def test_two_processes_of_four_devices_equal_one_device(config, one_device_run, 
   assert [r['eval/num_examples'] for r in eval_rows] == [360, 360]
 
   # The checkpoint written by 2 processes on 8 devices, restored onto 1 device.
-  run = train.setup(config, sharding.make_mesh(config, jax.devices()[:1]))
+  run = loop.setup(config, sharding.make_mesh(config, jax.devices()[:1]))
   abstract = sharding.placed(run.abstract_state, run.state_sharding)
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(workdir), config), abstract)
   assert int(restored.step) == STEPS

@@ -1,4 +1,4 @@
-"""`python -m vit_jax.summary`: parameters per module, total, GFLOPs, and the last line."""
+"""`python -m vit_jax.tools.summary`: parameters per module, total, GFLOPs, and the last line."""
 
 import subprocess
 import sys
@@ -6,11 +6,11 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from vit_jax import summary
+from vit_jax.tools import summary
 
 
 def test_cli_prints_modules_and_ends_with_total(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'vit_jax.summary', 'tiny/4', '--num_classes', '10',
+  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'summary', 'tiny/4', '--num_classes', '10',
                            '--image_size', '16', '--pool', 'map'],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]

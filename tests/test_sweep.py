@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from vit_jax import sweep, sweep_report
+from vit_jax.sweeps import sweep
+from vit_jax.sweeps import report as sweep_report
 from vit_jax.errors import UsageError
 
 # The tiny model for 60 steps: long enough that a SIGTERM sent after its first
@@ -26,7 +27,7 @@ METRIC = 'eval/accuracy'
 
 
 def sweep_command(sweep_file, workdir, *flags):
-  return [sys.executable, '-m', 'vit_jax.sweep', str(sweep_file), '--workdir', str(workdir), *flags]
+  return [sys.executable, '-m', 'vit_jax', 'sweep', str(sweep_file), '--workdir', str(workdir), *flags]
 
 
 def one_device_env():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from vit_jax import train
+from vit_jax.training import loop, steps
 from vit_jax.errors import UsageError
 
 
@@ -86,7 +86,7 @@ def test_in_process_training_learns(tiny_config, tmp_path):
   tiny_config.input.image_size = 8
   tiny_config.model.variant = 'tiny/2'
   tiny_config.optimizer.learning_rate = 3e-3
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  final = loop.train_and_evaluate(tiny_config, str(tmp_path))
   assert final['eval/num_examples'] == 360
   assert final['eval/accuracy'] > 0.2  # Chance is 0.1.
   losses = [json.loads(line)['train/loss'] for line in open(tmp_path / 'metrics.jsonl')
@@ -98,4 +98,4 @@ def test_in_process_training_learns(tiny_config, tmp_path):
 def test_nonpositive_durations_are_rejected(tiny_config, tmp_path):
   tiny_config.log_every_steps = 0
   with pytest.raises(UsageError, match='log_every_steps=0 must be a positive'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    loop.train_and_evaluate(tiny_config, str(tmp_path))

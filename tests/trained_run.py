@@ -10,17 +10,17 @@ _CACHE: dict = {}
 def trained_workdir(config, tmp_path_factory) -> str:
   """The workdir of `config` (the conftest `tiny_config`) trained to its last step; trained once."""
   if 'workdir' not in _CACHE:
-    from vit_jax import train
+    from vit_jax.training import loop, steps
     workdir = str(tmp_path_factory.mktemp('trained_run'))
     config.eval_every_steps = config.checkpoint_every_steps = config.total_steps  # Once, at the end.
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     _CACHE['workdir'] = workdir
   return _CACHE['workdir']
 
 
 def trained_run(config, tmp_path_factory):
-  """The `vit_jax.predict.Run` of `trained_workdir`; loaded once."""
+  """The `vit_jax.tools.predict.Run` of `trained_workdir`; loaded once."""
   if 'run' not in _CACHE:
-    from vit_jax import predict
+    from vit_jax.tools import predict
     _CACHE['run'] = predict.load_workdir(trained_workdir(config, tmp_path_factory))
   return _CACHE['run']

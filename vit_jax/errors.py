@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can fix (bad config, missing data)."""
+"""The one exception type for mistakes a user can fix (bad config, missing data), and argparse to match."""
+
+import argparse
+import sys
 
 
 class UsageError(Exception):
@@ -6,3 +9,11 @@ class UsageError(Exception):
 
   The message names what is wrong, the offending value, and how to fix it.
   """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the commands that use it, failing as every command does: one `error:` line, exit 2."""
+
+  def error(self, message: str):
+    print(f'error: {message} (vit-jax {self.prog.split()[-1]} --help lists the flags)', file=sys.stderr)
+    sys.exit(2)

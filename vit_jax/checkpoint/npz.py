@@ -260,7 +260,7 @@ def load_pretrained(path: str) -> Params:
 def init_from_pretrained(state: Any, config: ml_collections.ConfigDict) -> Any:
   """`state` with its params replaced by those of `config.init.path`, fitted to the model.
 
-  For the fine-tuning hook in `train.train_and_evaluate`: the state was just
+  For the fine-tuning hook in `loop.train_and_evaluate`: the state was just
   created (random init, already placed); its params give the target shapes
   and shardings. The optimizer state is kept: for SGD and AdamW it does not
   depend on the parameter values at step 0. A no-op when the path is ''.

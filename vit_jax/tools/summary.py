@@ -1,4 +1,4 @@
-"""`python -m vit_jax.summary VARIANT [--num_classes N] [--image_size S] [--pool P]`.
+"""`python -m vit_jax.tools.summary VARIANT [--num_classes N] [--image_size S] [--pool P]`.
 
 Prints the parameters of every module of a ViT variant, their total, and the
 forward-pass GFLOPs per image at the given resolution, then `total_params: N`
@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import create_model
+
+from vit_jax.errors import ArgumentParser
 
 
 # Top-level modules, and those inside `Transformer`, in the order the forward pass uses them.
@@ -90,7 +92,7 @@ def summarize(variant: str, num_classes: int = 1000, image_size: int = 224, **op
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.summary', description=__doc__.split('\n\n')[1])
+  parser = ArgumentParser(prog='vit-jax summary', description=__doc__.split('\n\n')[1])
   parser.add_argument('variant', help='SIZE/PATCH, e.g. B/16, g/14, tiny/4')
   parser.add_argument('--num_classes', type=int, default=1000, help='classifier head size (default 1000)')
   parser.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
@@ -103,7 +105,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,6 +1,6 @@
 """Side by side: vit_jax's train step (or forward pass) against timm's ViT on PyTorch.
 
-  python -m vit_jax.benchmark_timm --variants Ti/16,S/16,B/16 --modes train,inference \
+  python -m vit_jax.bench.timm --variants Ti/16,S/16,B/16 --modes train,inference \
       [--batch_size 8] [--image_size 224] [--dtype float32] [--steps 3] [--repeats 5] \
       [--timm_python /work/timm-venv/bin/python] [--json]
 
@@ -8,8 +8,8 @@ PyTorch and timm are never dependencies of vit_jax: they live in their own
 virtual environment, whose python runs this file as a worker
 (`--timm_python`; see the README's Performance section for its install).
 For each variant and mode, two worker processes are built and warmed up once:
-`python -m vit_jax.benchmark --serve` (the real jitted train step, as
-`vit_jax.benchmark` times it) and timm's `VisionTransformer` of the same
+`python -m vit_jax.bench.benchmark --serve` (the real jitted train step, as
+`vit_jax.bench.benchmark` times it) and timm's `VisionTransformer` of the same
 width, depth, heads, patch, resolution and 1000 classes, trained by AdamW with
 gradient-norm clipping at 1.0 as vit_jax's default optimizer. Their timed runs
 then alternate (A B, B A, A B, ...), so a change in the machine's load hits
@@ -30,6 +30,8 @@ import time
 from typing import Any, Optional
 
 DEFAULT_TIMM_PYTHON = '/work/timm-venv/bin/python'
+
+from vit_jax.errors import ArgumentParser
 
 
 # ---------------------------------------------------------------- the rows
@@ -168,7 +170,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
   options = {'model': timm_model_options(fields, args.image_size), 'batch_size': args.batch_size,
              'mode': mode, 'dtype': args.dtype, 'steps': args.steps}
   # One side at a time while building, so that neither compiles during the other's warm-up.
-  jax_worker = Worker([sys.executable, '-m', 'vit_jax.benchmark', '--serve', *common, *jax_options],
+  jax_worker = Worker([sys.executable, '-m', 'vit_jax', 'benchmark', '--serve', *common, *jax_options],
                       'vit_jax')
   timm = None
   try:
@@ -195,7 +197,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m vit_jax.benchmark_timm',
+  p = ArgumentParser(prog='vit-jax benchmark-timm',
                               description='vit_jax against timm, same variant, batch and machine.')
   p.add_argument('--variants', default='Ti/16,S/16,B/16', help='comma-separated SIZE/PATCH list')
   p.add_argument('--modes', default='train,inference', help='comma-separated: train, inference')
@@ -242,6 +244,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -5,7 +5,7 @@ finished seeds, mean ± standard deviation (over seeds) of the metric at the
 last step, the best value over all logged steps and seeds with its step, the
 wall time per trial (summed over the launcher runs of a resumed trial),
 parameters (from `jax.eval_shape`, nothing allocated) and forward GFLOPs per
-image (vit_jax.summary's XLA cost analysis). Plots: the metric against each
+image (vit_jax.tools.summary's XLA cost analysis). Plots: the metric against each
 varied config key, the metric of every point, and the training curves (train
 loss and the metric against step) of every trial.
 """
@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from vit_jax import plots, sweep as sweep_lib
+from vit_jax.tools import plots
+from vit_jax.sweeps import sweep as sweep_lib
 from vit_jax.errors import UsageError
 
 
@@ -48,7 +49,7 @@ def model_size(config) -> tuple[Optional[int], Optional[float]]:
   """(parameters, forward GFLOPs per image) of the model `config` describes; Nones if it is invalid."""
   import jax
   import jax.numpy as jnp
-  from vit_jax import summary
+  from vit_jax.tools import summary
   from vit_jax.models import model_from_config
   try:
     model = model_from_config(config)

@@ -1,6 +1,6 @@
 """Training curves of one or several runs, from their metrics.jsonl, as one PNG.
 
-  python -m vit_jax.plots WORKDIR... --out FILE.png
+  python -m vit_jax.tools.plots WORKDIR... --out FILE.png
 
 Four panels against the training step: loss (train solid, eval dashed), eval
 accuracy, learning rate and throughput. One colour per workdir, so runs of
@@ -100,8 +100,3 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'wrote {flags.FLAGS.out}', flush=True)
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

@@ -1,4 +1,4 @@
-"""Train state, train and eval steps, and the loop: `train_and_evaluate(config, workdir)`."""
+"""The training loop: `train_and_evaluate(config, workdir)`, with evaluation and checkpoints."""
 
 import functools
 import math
@@ -15,96 +15,22 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vit_jax import checkpoint, input_pipeline, memory, metrics as metrics_lib, optim, preemption, sharding
+from vit_jax import checkpoint
+from vit_jax.data import pipeline
+from vit_jax.training import memory
+from vit_jax.training import metrics as metrics_lib
+from vit_jax.training import optim
+from vit_jax.training import preemption
+from vit_jax.training.steps import TrainState, create_train_state, train_step, eval_step, DivergenceError
+from vit_jax.training import sharding
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-class DivergenceError(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_size: int) -> TrainState:
-  """A fresh train state. Pure: meant for `jax.eval_shape` and `jax.jit(out_shardings=...)`."""
-  params = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy against (optionally smoothed) labels.
-
-  `labels` are integer classes (batch,) or soft targets (batch, classes), as
-  mixup/CutMix batches carry.
-  """
-  num_classes = logits.shape[-1]
-  targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
-  targets = optax.smooth_labels(targets, smoothing) if smoothing else targets
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, accumulation_steps: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch. Returns the new state and scalar metrics.
-
-  With `accumulation_steps` k > 1 the batch is split into k micro-batches
-  (example i goes to micro-batch i % k, so each is spread over all devices)
-  whose gradients are averaged: the same update as the full batch, with the
-  activations of one micro-batch in memory at a time.
-  """
-  rng = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params, micro_batch, micro_rng):
-    logits, _ = model.apply({'params': params}, micro_batch['image'], train=True,
-                            rngs={'dropout': micro_rng})
-    return cross_entropy(logits, micro_batch['label'], label_smoothing).mean()
-
-  grad_fn = jax.value_and_grad(loss_fn)
-  if accumulation_steps == 1:
-    loss, grads = grad_fn(state.params, batch, rng)
-  else:
-    k = accumulation_steps
-    micro_batches = jax.tree.map(
-        lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
-
-    def accumulate(carry, inputs):
-      index, micro_batch = inputs
-      loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
-    loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
-
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
-                     'train/lr': schedule(state.step)}
-
-
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-  """Sums over the real (mask = 1) examples of a padded eval batch."""
-  logits, _ = model.apply({'params': params}, batch['image'], train=False)
-  mask = batch['mask']
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-  return {'correct': (correct * mask).sum(),
-          'loss': (cross_entropy(logits, batch['label']) * mask).sum(),
-          'count': mask.sum()}
 
 
 def evaluate(eval_fn, params, config, split, batch_sharding) -> dict[str, float]:
   """Accuracy and loss over every example of the eval split, exactly once."""
   totals = None
-  for local in input_pipeline.eval_iterator(config, split, jax.process_index(), jax.process_count()):
+  for local in pipeline.eval_iterator(config, split, jax.process_index(), jax.process_count()):
     sums = eval_fn(params, sharding.global_batch(local, batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -205,11 +131,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Data next: a missing dataset fails before anything is compiled or written.
   # Process 0 prepares a shipped dataset first so that processes never race on it.
   if is_main:
-    input_pipeline.get_builder(config.dataset)
+    pipeline.get_builder(config.dataset)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('dataset_prepared')
-  train_split = input_pipeline.open_split(config.dataset, config.dataset.train_split)
-  eval_split = input_pipeline.open_split(config.dataset, config.dataset.eval_split)
+  train_split = pipeline.open_split(config.dataset, config.dataset.train_split)
+  eval_split = pipeline.open_split(config.dataset, config.dataset.eval_split)
 
   init_rng, dropout_rng = seed_rngs(config)
 
@@ -233,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     _write_config(config, workdir)
 
-  train_iter = input_pipeline.train_iterator(config, train_split, start_step,
+  train_iter = pipeline.train_iterator(config, train_split, start_step,
                                              jax.process_index(), jax.process_count())
   first_batch = sharding.global_batch(next(train_iter), run.batch_sharding)
   # Compiled once, ahead of time: every step reuses this executable.

@@ -1,12 +1,12 @@
 """Throughput of vit_jax's real train step (or forward pass), against this device's matmul ceiling.
 
-  python -m vit_jax.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
+  python -m vit_jax.bench.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
       [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
       [--remat none|full|dots_saveable|...] [--scan] [--cpu_devices N]
       [--xla_flags='--flag=value ...'] [--json]
 
-Builds the train step exactly as training does (`train.setup`: the model of
-`config.model`, AdamW with clipping from `vit_jax.optim`, donated state, one
+Builds the train step exactly as training does (`loop.setup`: the model of
+`config.model`, AdamW with clipping from `vit_jax.training.optim`, donated state, one
 jit over the device mesh) on synthetic data, compiles it once, warms it up
 (single steps until one no longer faults host memory in: at most 6), then
 times `--repeats` runs of `--steps` steps each. After each run it
@@ -23,10 +23,10 @@ ceiling) and peak memory: `device.memory_stats()` where the device has it
 + temporaries - donated) and the process's peak RSS, and says which.
 
 `--serve` turns the process into a worker for side-by-side runs
-(`vit_jax.benchmark_timm`): it builds and warms up once, prints one JSON
+(`vit_jax.bench.timm`): it builds and warms up once, prints one JSON
 line, then answers each `run` line on stdin with one timed run.
 
-Run as a command, it first calls `vit_jax.hostmem.retain_freed_memory`, as
+Run as a command, it first calls `vit_jax.cpu.hostmem.retain_freed_memory`, as
 the launcher does, so the step runs with the launcher's host-memory settings.
 """
 
@@ -40,7 +40,8 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from vit_jax import hostmem
+from vit_jax.cpu import hostmem
+from vit_jax.errors import ArgumentParser
 
 # train imports TensorFlow (input pipeline), which the benchmark never runs: keep it quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -60,8 +61,8 @@ def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,
 
   `model_options` are further `config.model` fields (attention, remat, scan).
   """
-  from configs import base
-  config = base.get_config()
+  from vit_jax.config import defaults
+  config = defaults.get_config()
   config.model.variant = variant
   config.model.dtype = dtype
   for key, value in (model_options or {}).items():
@@ -117,14 +118,15 @@ class Workload:
     import jax
     import numpy as np
 
-    from vit_jax import sharding, train
+    from vit_jax.training import sharding
+    from vit_jax.training import loop, steps
 
     if mode not in MODES:
       raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
     self.mode, self.batch_size = mode, batch_size
     config = benchmark_config(variant, image_size, batch_size, dtype, model_options)
     mesh = sharding.make_mesh(config)
-    run = train.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
+    run = loop.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
     self.model = run.model
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)
@@ -142,7 +144,7 @@ class Workload:
       # XLA counts a loop body once, not once per layer, and recomputation is
       # not the model's work: count the plain program (lowered, not compiled).
       # Before partitioning, the lowered program is the whole batch's.
-      plain = train.setup(benchmark_config(variant, image_size, batch_size, dtype,
+      plain = loop.setup(benchmark_config(variant, image_size, batch_size, dtype,
                                            {**options, 'scan': False, 'remat': False}), mesh)
       state = sharding.placed(plain.abstract_state, plain.state_sharding)
       batch = sharding.placed(jax.eval_shape(lambda: self.batch),
@@ -333,7 +335,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
   from vit_jax.models import SIZES
-  p = argparse.ArgumentParser(prog='python -m vit_jax.benchmark', description=__doc__.split('\n\n')[1])
+  p = ArgumentParser(prog='vit-jax benchmark', description=__doc__.split('\n\n')[1])
   p.add_argument('--variant', default='B/16', help=f'SIZE/PATCH, SIZE one of {", ".join(SIZES)} (default B/16)')
   p.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
   p.add_argument('--batch_size', type=int, default=8, help='global batch (default 8)')
@@ -354,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
                  help='split the CPU into this many data-parallel devices, as the launcher\'s '
                       '--cpu_devices (default $VIT_JAX_CPU_DEVICES or 1)')
   p.add_argument('--json', action='store_true', help='print one JSON object instead of text')
-  p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.benchmark_timm')
+  p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.bench.timm')
   return p
 
 
@@ -366,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if getattr(args, name) < 1:
       print(f'error: --{name}={getattr(args, name)} must be positive.', file=sys.stderr)
       return 2
-  from vit_jax import cpu_devices
+  from vit_jax.cpu import devices as cpu_devices
   from vit_jax.errors import UsageError
   try:
     cpu_devices.split_cpu(args.cpu_devices)  # Before JAX creates its CPU backend.
@@ -379,8 +381,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
   print(json.dumps(result, indent=1) if args.json else format_result(result), flush=True)
   return 0
-
-
-if __name__ == '__main__':
-  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
-  sys.exit(main())

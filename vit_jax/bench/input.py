@@ -1,11 +1,11 @@
 """Is data or compute the bottleneck? Times the training input pipeline alone, and a train step.
 
-  python -m vit_jax.input_benchmark [--folder=PATH] [--model=S/16]
+  python -m vit_jax.bench.input [--folder=PATH] [--model=S/16]
 
-Prints the images/s of the real training pipeline (`input_pipeline.train_iterator`
+Prints the images/s of the real training pipeline (`pipeline.train_iterator`
 on an image folder: JPEG decode, 224 px Inception crop, flip, RandAugment 2/10,
 batching) on this machine's CPU cores, then the images/s of one ViT training
-step (`train.train_step`, synthetic data, batch `--model_batch_size`) on the
+step (`steps.train_step`, synthetic data, batch `--model_batch_size`) on the
 default JAX devices. When the first number is the larger, the pipeline keeps
 up. Without --folder it writes JPEGs of a typical photo size (500x375, like
 ImageNet's median) to a temporary folder first.
@@ -15,21 +15,23 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TensorFlow is imported.
-
 from absl import app, flags, logging
 
-_FOLDER = flags.DEFINE_string('folder', '', 'Image folder (one sub-folder per class); default: generated JPEGs.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to generate when --folder is not given.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Pipeline batch size.')
-_STEPS = flags.DEFINE_integer('steps', 12, 'Pipeline batches timed (after 2 warm-up batches).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the training crops.')
-_RANDAUGMENT = flags.DEFINE_integer('randaugment_layers', 2, 'RandAugment layers (0 disables).')
-_MAGNITUDE = flags.DEFINE_integer('randaugment_magnitude', 10, 'RandAugment magnitude, 0..10.')
-_THREADS = flags.DEFINE_integer('threads', 0, 'config.input.threads (0: one per core).')
-_MODEL = flags.DEFINE_string('model', 'S/16', "ViT variant whose train step is timed; '' skips it.")
-_MODEL_BATCH = flags.DEFINE_integer('model_batch_size', 8, 'Batch of the timed train step.')
-_MODEL_STEPS = flags.DEFINE_integer('model_steps', 3, 'Train steps timed (after one compiling step).')
+
+def define_flags() -> None:
+  """The command's flags; defined when the command runs, so importing this module adds none."""
+  global _FOLDER, _NUM_IMAGES, _BATCH_SIZE, _STEPS, _IMAGE_SIZE, _RANDAUGMENT, _MAGNITUDE, _THREADS, _MODEL, _MODEL_BATCH, _MODEL_STEPS
+  _FOLDER = flags.DEFINE_string('folder', '', 'Image folder (one sub-folder per class); default: generated JPEGs.')
+  _NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to generate when --folder is not given.')
+  _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Pipeline batch size.')
+  _STEPS = flags.DEFINE_integer('steps', 12, 'Pipeline batches timed (after 2 warm-up batches).')
+  _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Side of the training crops.')
+  _RANDAUGMENT = flags.DEFINE_integer('randaugment_layers', 2, 'RandAugment layers (0 disables).')
+  _MAGNITUDE = flags.DEFINE_integer('randaugment_magnitude', 10, 'RandAugment magnitude, 0..10.')
+  _THREADS = flags.DEFINE_integer('threads', 0, 'config.input.threads (0: one per core).')
+  _MODEL = flags.DEFINE_string('model', 'S/16', "ViT variant whose train step is timed; '' skips it.")
+  _MODEL_BATCH = flags.DEFINE_integer('model_batch_size', 8, 'Batch of the timed train step.')
+  _MODEL_STEPS = flags.DEFINE_integer('model_steps', 3, 'Train steps timed (after one compiling step).')
 
 
 def write_jpegs(folder: str, num_images: int, num_classes: int = 4, size: tuple[int, int] = (375, 500),
@@ -52,12 +54,12 @@ def write_jpegs(folder: str, num_images: int, num_classes: int = 4, size: tuple[
 
 def pipeline_images_per_sec(folder: str) -> float:
   """Images/s of the training pipeline on `folder`, after two warm-up batches."""
-  from configs import base
-  from vit_jax import input_pipeline
-  from vit_jax.datasets import image_folder
+  from vit_jax.config import defaults
+  from vit_jax.data import pipeline
+  from vit_jax.data.builders import image_folder
 
-  config = base.get_config()
-  config.dataset.name = input_pipeline.IMAGE_FOLDER
+  config = defaults.get_config()
+  config.dataset.name = pipeline.IMAGE_FOLDER
   config.dataset.folder = folder
   config.dataset.num_classes = len(image_folder.class_names(folder))
   config.dataset.test_fraction = 0.0
@@ -68,8 +70,8 @@ def pipeline_images_per_sec(folder: str) -> float:
   config.input.randaugment.num_layers = _RANDAUGMENT.value
   config.input.randaugment.magnitude = _MAGNITUDE.value
   config.input.threads = _THREADS.value
-  split = input_pipeline.open_split(config.dataset, 'train')
-  batches = input_pipeline.train_iterator(config, split, start_step=0)
+  split = pipeline.open_split(config.dataset, 'train')
+  batches = pipeline.train_iterator(config, split, start_step=0)
   for _ in range(2):
     next(batches)
   start = time.perf_counter()
@@ -79,26 +81,27 @@ def pipeline_images_per_sec(folder: str) -> float:
 
 
 def train_step_images_per_sec(variant: str) -> tuple[float, str]:
-  """Images/s of `train.train_step` for `variant` at the benchmark's image size, synthetic data."""
+  """Images/s of `steps.train_step` for `variant` at the benchmark's image size, synthetic data."""
   import functools
 
   import jax
   import jax.numpy as jnp
 
-  from configs import base
-  from vit_jax import optim, train
+  from vit_jax.config import defaults
+  from vit_jax.training import optim
+  from vit_jax.training import loop, steps
   from vit_jax.models import model_from_config
 
-  config = base.get_config()
+  config = defaults.get_config()
   config.model.variant = variant
   config.dataset.num_classes = 1000
   config.input.image_size = _IMAGE_SIZE.value
   config.batch_size = _MODEL_BATCH.value
   model = model_from_config(config)
   tx, schedule = optim.create_optimizer(config), optim.create_schedule(config)
-  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx,
+  state = jax.jit(functools.partial(steps.create_train_state, model=model, tx=tx,
                                     image_size=config.input.image_size))(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
                                    label_smoothing=0.0), donate_argnums=0)
   size = config.input.image_size
   batch = {'image': jax.random.normal(jax.random.key(1), (config.batch_size, size, size, 3)),
@@ -139,9 +142,3 @@ def main(argv):
           f'{_MODEL_BATCH.value}, synthetic data, {devices})', flush=True)
     verdict = 'keeps up with' if rate >= step_rate else 'is SLOWER than'
     print(f'the input pipeline {verdict} training ({rate / step_rate:.1f}x)', flush=True)
-
-
-if __name__ == '__main__':
-  from vit_jax import hostmem
-  hostmem.retain_freed_memory()  # As the launcher: see vit_jax/hostmem.py.
-  app.run(main)

@@ -1,20 +1,18 @@
 """Predict the classes of image files with a trained ViT, optionally with attention maps.
 
-  python -m vit_jax.predict --workdir DIR [--top_k 5] [--attention_maps OUTDIR] IMAGE_OR_FOLDER...
-  python -m vit_jax.predict --checkpoint FILE.npz [--config FILE.json] IMAGE_OR_FOLDER...
+  python -m vit_jax.tools.predict --workdir DIR [--top_k 5] [--attention_maps OUTDIR] IMAGE_OR_FOLDER...
+  python -m vit_jax.tools.predict --checkpoint FILE.npz [--config FILE.json] IMAGE_OR_FOLDER...
 
 Each image gets exactly the evaluation preprocessing of the run's config
-(`input_pipeline.eval_preprocess_fn`: decode, resize the short side, central
+(`pipeline.eval_preprocess_fn`: decode, resize the short side, central
 crop, value range), so files of any size work. A folder stands for the image
 files directly inside it, in name order. Parameters come from the latest
-orbax checkpoint of `--workdir`, or from an exported `.npz` (vit_jax.export)
+orbax checkpoint of `--workdir`, or from an exported `.npz` (vit_jax.tools.export)
 with the config JSON written beside it. Class names come from the dataset's
 tfds metadata (or from the exported JSON).
 """
 
-import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -25,105 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax import hostmem
+from vit_jax.cpu import hostmem
+from vit_jax.checkpoint.run import Run, run_from_flags
 from vit_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.gif', '.bmp')
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained model ready for inference."""
-  config: ml_collections.ConfigDict
-  model: Any  # vit_jax.models.VisionTransformer
-  params: Any
-  class_names: list[str]
-  step: Optional[int] = None  # Training step of the parameters, when known.
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """A locked config from a run's `config.json` (or an export's JSON), or a `configs/*.py` file.
-
-  JSON values are laid over `configs/base.py`, so keys added since the run
-  was trained take their defaults.
-  """
-  if not os.path.isfile(path):
-    raise UsageError(f'Config file {path!r} does not exist; pass a workdir config.json, the .json '
-                     'written by vit_jax.export, or a configs/*.py file.')
-  if path.endswith('.py'):
-    spec = importlib.util.spec_from_file_location('vit_jax_predict_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-  else:
-    from configs import base
-    with open(path) as f:
-      saved = json.load(f)
-    saved = saved.get('config', saved)  # An export's JSON nests the config next to class names.
-    config = base.get_config()
-    config.update(saved)
-  config.lock()
-  return config
-
-
-def class_names_of(config: ml_collections.ConfigDict) -> list[str]:
-  """Class names from the dataset's tfds metadata; class indices if it has none or is missing."""
-  from vit_jax import input_pipeline
-  try:
-    names = input_pipeline.open_split(config.dataset, config.dataset.eval_split).class_names
-  except UsageError as e:
-    print(f'warning: no class names ({e}); showing class indices.', file=sys.stderr)
-    names = None
-  return list(names) if names else [str(i) for i in range(config.dataset.num_classes)]
-
-
-def latest_checkpoint(workdir: str) -> tuple[int, str]:
-  """(step, path) of the newest finished orbax checkpoint in `workdir/checkpoints`."""
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  # Finished checkpoints are renamed to their step; orbax's temporary ones are not all digits.
-  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
-    raise UsageError(f'Workdir {workdir!r} has no checkpoint in checkpoints/ yet; train until the first '
-                     'checkpoint (config.checkpoint_every_steps) or pass --checkpoint FILE.npz.')
-  return steps[-1], os.path.join(directory, str(steps[-1]), 'default')
-
-
-def restore_params(path: str, abstract_params: Any) -> Any:
-  """Only the `params` of an orbax train-state checkpoint, on this process's first device.
-
-  A partial restore: it reads no optimizer state and never writes to the
-  workdir, so it works on a run that is still training.
-  """
-  import orbax.checkpoint as ocp
-
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype), abstract_params)
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True))
-  except Exception as e:  # Orbax raises many types for missing or mismatched files.
-    reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-    raise UsageError(f'Cannot read the parameters of checkpoint {path} ({reason}); check that the '
-                     "workdir's config.json is the one that wrote it.") from None
-  return tree['params']
-
-
-def load_workdir(workdir: str) -> Run:
-  """The parameters of the latest orbax checkpoint in `workdir`, with the run's config and model."""
-  from vit_jax.models import model_from_config
-
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise UsageError(f'No config.json in workdir {workdir!r}; pass the --workdir of a training run '
-                     '(python -m vit_jax.main --config ... --workdir DIR).')
-  config = load_config(config_path)
-  model = model_from_config(config)
-  step, path = latest_checkpoint(workdir)
-  size = config.input.image_size
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
-  return Run(config, model, restore_params(path, abstract['params']), class_names_of(config), step)
 
 
 def find_images(paths: Sequence[str]) -> list[str]:
@@ -148,9 +52,9 @@ def find_images(paths: Sequence[str]) -> list[str]:
 def load_images(config: ml_collections.ConfigDict, files: Sequence[str]) -> np.ndarray:
   """The files after evaluation preprocessing, (n, image_size, image_size, 3) float32."""
   import tensorflow as tf
-  from vit_jax import input_pipeline
+  from vit_jax.data import pipeline
 
-  preprocess = input_pipeline.eval_preprocess_fn(config)
+  preprocess = pipeline.eval_preprocess_fn(config)
   images = []
   for path in files:
     with open(path, 'rb') as f:
@@ -218,24 +122,11 @@ def format_predictions(path: str, probabilities: np.ndarray, class_names: Sequen
   return '\n'.join([path] + [f'  {p:7.2%}  {class_names[i]}' for i, p in zip(indices, probs)])
 
 
-def run_from_flags(workdir: Optional[str], checkpoint: Optional[str], config: Optional[str]) -> Run:
-  """The Run that --workdir, or --checkpoint with --config, names (shared by the launchers)."""
-  if bool(workdir) == bool(checkpoint):
-    raise UsageError(f'Pass exactly one of --workdir (got {workdir!r}) and --checkpoint (got '
-                     f'{checkpoint!r}); --checkpoint takes a .npz from vit_jax.export.')
-  if workdir:
-    if config:
-      raise UsageError(f'--config={config!r} is only used with --checkpoint; a workdir has its config.json.')
-    return load_workdir(workdir)
-  from vit_jax import export
-  return export.load_exported(checkpoint, config)
-
-
 def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                  config: Optional[str] = None, top_k_classes: int = 5, attention_dir: Optional[str] = None,
                  batch_size: int = 32) -> None:
   """The command: prints the top-k classes of each image; writes attention maps into `attention_dir`."""
-  from vit_jax import attention_maps
+  from vit_jax.tools import attention_maps
 
   if top_k_classes < 1 or batch_size < 1:
     raise UsageError(f'--top_k={top_k_classes} and --batch_size={batch_size} must be positive integers.')
@@ -268,7 +159,7 @@ def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpo
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
   flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.export).')
+  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.tools.export).')
   flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside '
                       'the .npz; also a workdir config.json or a configs/*.py file).')
   flags.DEFINE_integer('top_k', 5, 'How many classes to show per image.')
@@ -286,9 +177,3 @@ def main(argv):
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-
-
-if __name__ == '__main__':
-  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
-  define_flags()
-  app.run(main)

@@ -1,7 +1,7 @@
 """An evaluation report of a trained run on the whole eval split.
 
-  python -m vit_jax.evaluate --workdir DIR [--out_dir DIR/eval] [--num_confused 16]
-  python -m vit_jax.evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
+  python -m vit_jax.tools.evaluate --workdir DIR [--out_dir DIR/eval] [--num_confused 16]
+  python -m vit_jax.tools.evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
 
 Writes into the output folder:
   report.json           accuracy, top-5 accuracy, per-class accuracy, the most
@@ -24,9 +24,10 @@ from typing import Any, Optional
 from absl import app, flags, logging
 import numpy as np
 
-from vit_jax import hostmem
+from vit_jax.cpu import hostmem
 from vit_jax.errors import UsageError
-from vit_jax.predict import Run, run_from_flags, softmax
+from vit_jax.checkpoint.run import Run, run_from_flags
+from vit_jax.tools.predict import softmax
 
 
 def _logits(params, images, *, model):
@@ -42,16 +43,16 @@ def collect_predictions(run: Run) -> dict[str, np.ndarray]:
   """
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from vit_jax import input_pipeline
+  from vit_jax.data import pipeline
 
   config = run.config
   if jax.process_count() > 1:
-    raise UsageError(f'vit_jax.evaluate runs in one process, not {jax.process_count()}; run it on one host.')
+    raise UsageError(f'vit_jax.tools.evaluate runs in one process, not {jax.process_count()}; run it on one host.')
   devices = jax.local_devices()
   if config.eval_batch_size % len(devices):
     raise UsageError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
                      f'{len(devices)} devices; use a multiple of {len(devices)}.')
-  split = input_pipeline.open_split(config.dataset, config.dataset.eval_split)
+  split = pipeline.open_split(config.dataset, config.dataset.eval_split)
   # Inference only: parameters replicated, each batch split over all devices.
   mesh = Mesh(np.asarray(devices), ('batch',))
   replicated, batch_sharding = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec('batch'))
@@ -59,7 +60,7 @@ def collect_predictions(run: Run) -> dict[str, np.ndarray]:
   forward = jax.jit(functools.partial(_logits, model=run.model), out_shardings=replicated)
 
   probabilities, labels, indices, mistakes, mistake_indices = [], [], [], [], []
-  for b, batch in enumerate(input_pipeline.eval_iterator(config, split)):
+  for b, batch in enumerate(pipeline.eval_iterator(config, split)):
     images = jax.device_put(batch['image'], batch_sharding)
     logits = np.asarray(jax.device_get(forward(params, images)))
     real = batch['mask'] > 0
@@ -144,7 +145,7 @@ def plot_mistakes(images: np.ndarray, mistakes: list[dict], path: str, columns: 
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  from vit_jax.attention_maps import display_image
+  from vit_jax.tools.attention_maps import display_image
 
   count = max(len(mistakes), 1)
   columns = min(columns, count)
@@ -191,7 +192,7 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
   flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.export).')
+  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.tools.export).')
   flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the .npz).')
   flags.DEFINE_string('out_dir', None, 'Where to write the report (default: WORKDIR/eval).')
   flags.DEFINE_integer('num_confused', 16, 'How many confused pairs and mistakes to report and show.')
@@ -216,9 +217,3 @@ def main(argv):
   print(f"{report['dataset']} {report['split']} at step {report['step']}: accuracy {report['accuracy']:.2%} "
         f"({correct} of {report['num_examples']}) | {top.split('_')[0]} {report[top]:.2%} | "
         f'report in {out_dir}/', flush=True)
-
-
-if __name__ == '__main__':
-  hostmem.retain_freed_memory()  # Before JAX starts: see vit_jax/hostmem.py.
-  define_flags()
-  app.run(main)

@@ -28,9 +28,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import augment, preprocess
-from vit_jax.datasets import image_folder
-from vit_jax.datasets.sklearn_digits import SklearnDigits
+from vit_jax.data import augment
+from vit_jax.data import preprocess
+from vit_jax.data.builders import image_folder
+from vit_jax.data.builders.sklearn_digits import SklearnDigits
 from vit_jax.errors import UsageError
 
 # Builders that vit_jax ships and prepares offline on first use.
@@ -195,7 +196,7 @@ def eval_preprocess_fn(config: ml_collections.ConfigDict):
   """Returns fn(encoded image bytes) -> float32 (image_size, image_size, 3) model input.
 
   Evaluation's deterministic preprocessing: decode, resize the short side,
-  central crop, normalize; vit_jax.predict applies it to image files, so they
+  central crop, normalize; vit_jax.tools.predict applies it to image files, so they
   get exactly what eval batches get.
   """
   cfg = config.input

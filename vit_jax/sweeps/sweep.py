@@ -1,4 +1,4 @@
-"""Ablation sweeps: `python -m vit_jax.sweep experiments/NAME.py --workdir DIR`.
+"""Ablation sweeps: `python -m vit_jax.sweeps.sweep experiments/NAME.py --workdir DIR`.
 
 A sweep file is plain Python with these module-level names:
 
@@ -127,7 +127,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         node = node[parent]
       node[leaf] = value
     except (KeyError, AttributeError, TypeError) as e:
-      raise UsageError(f'config.{key}={value!r} does not fit the config ({e}); see configs/base.py '
+      raise UsageError(f'config.{key}={value!r} does not fit the config ({e}); see vit_jax/config/defaults.py '
                        'for every key and its type.') from None
 
 
@@ -304,13 +304,13 @@ def _print_outcome(outcome: dict, count: int) -> None:
 
 def prepare_datasets(sweep: Sweep) -> None:
   """Prepares shipped datasets once, so that trials running side by side never race to do it."""
-  from vit_jax import input_pipeline
+  from vit_jax.data import pipeline
   seen = set()
   for trial in sweep.trials:
     dataset = trial_config(sweep, trial).dataset
-    if dataset.name in input_pipeline.SHIPPED_BUILDERS and (dataset.name, dataset.data_dir) not in seen:
+    if dataset.name in pipeline.SHIPPED_BUILDERS and (dataset.name, dataset.data_dir) not in seen:
       seen.add((dataset.name, dataset.data_dir))
-      input_pipeline.get_builder(dataset)
+      pipeline.get_builder(dataset)
 
 
 def print_plan(sweep: Sweep, workdir: str) -> None:
@@ -341,48 +341,3 @@ def run_sweep(sweep: Sweep, workdir: str, parallel: int = 1,
   runner = Runner(sweep, workdir, parallel)
   outcomes = [{'trial': t, 'status': 'finished', 'skipped': True} for t in skipped] + runner.run(todo)
   return sorted(outcomes, key=lambda o: o['trial'].index), runner.stop_signal
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.sweep',
-                                   description='Run an ablation sweep file; see the module docstring.')
-  parser.add_argument('sweep', help='the sweep file, e.g. experiments/posemb.py')
-  parser.add_argument('--workdir', required=True, help='folder of the trial workdirs and the report')
-  parser.add_argument('--parallel', type=int, default=1, help='trials run at once (default 1)')
-  parser.add_argument('--plan', action='store_true', help='list the trials and exit, running nothing')
-  parser.add_argument('--trial', type=int, action='append',
-                      help='run only this trial index (repeatable); no report is built')
-  parser.add_argument('--report_only', action='store_true', help='only build the report')
-  args = parser.parse_args(argv)
-  try:
-    if args.parallel < 1:
-      raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
-    sweep = load_sweep(args.sweep)
-    bad = [i for i in args.trial or [] if not 0 <= i < len(sweep.trials)]
-    if bad:
-      raise UsageError(f'--trial {bad[0]}: the sweep has trials 0..{len(sweep.trials) - 1} (see --plan).')
-  except UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  if args.plan:
-    print_plan(sweep, args.workdir)
-    return 0
-  outcomes, stop_signal = [], None
-  if not args.report_only:
-    outcomes, stop_signal = run_sweep(sweep, args.workdir, args.parallel, args.trial)
-    if stop_signal is not None:
-      print(f'Interrupted by {signal.Signals(stop_signal).name}: run the same command to resume.', flush=True)
-      return 128 + stop_signal
-  failed = [o for o in outcomes if o['status'] != 'finished']
-  if not args.trial:
-    from vit_jax import sweep_report
-    print(sweep_report.build_report(sweep, args.workdir), flush=True)
-  if failed:
-    print(f'{len(failed)} trial(s) did not finish: ' + ', '.join(o['trial'].name for o in failed),
-          file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,0 +1,51 @@
+"""`vit-jax sweep SWEEP.py --workdir DIR [--parallel N] [--plan] [--trial I] [--report_only]`.
+
+Runs the trials of a sweep file (vit_jax/sweeps/sweep.py), resuming where a
+previous call stopped, then writes its report (vit_jax/sweeps/report.py).
+"""
+
+import signal
+import sys
+from typing import Optional
+
+from vit_jax.errors import ArgumentParser, UsageError
+from vit_jax.sweeps import report, sweep as sweep_lib
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = ArgumentParser(prog='vit-jax sweep', description='Run an ablation sweep file (see vit_jax/sweeps/sweep.py).')
+  parser.add_argument('sweep', help='the sweep file, e.g. experiments/posemb.py')
+  parser.add_argument('--workdir', required=True, help='folder of the trial workdirs and the report')
+  parser.add_argument('--parallel', type=int, default=1, help='trials run at once (default 1)')
+  parser.add_argument('--plan', action='store_true', help='list the trials and exit, running nothing')
+  parser.add_argument('--trial', type=int, action='append',
+                      help='run only this trial index (repeatable); no report is built')
+  parser.add_argument('--report_only', action='store_true', help='only build the report')
+  args = parser.parse_args(argv)
+  try:
+    if args.parallel < 1:
+      raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
+    sweep = sweep_lib.load_sweep(args.sweep)
+    bad = [i for i in args.trial or [] if not 0 <= i < len(sweep.trials)]
+    if bad:
+      raise UsageError(f'--trial {bad[0]}: the sweep has trials 0..{len(sweep.trials) - 1} (see --plan).')
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.plan:
+    sweep_lib.print_plan(sweep, args.workdir)
+    return 0
+  outcomes, stop_signal = [], None
+  if not args.report_only:
+    outcomes, stop_signal = sweep_lib.run_sweep(sweep, args.workdir, args.parallel, args.trial)
+    if stop_signal is not None:
+      print(f'Interrupted by {signal.Signals(stop_signal).name}: run the same command to resume.', flush=True)
+      return 128 + stop_signal
+  failed = [o for o in outcomes if o['status'] != 'finished']
+  if not args.trial:
+    print(report.build_report(sweep, args.workdir), flush=True)
+  if failed:
+    print(f'{len(failed)} trial(s) did not finish: ' + ', '.join(o['trial'].name for o in failed),
+          file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,1 @@
+"""Inspection tools: predict, evaluate, export, plots, attention maps, summary, memory."""

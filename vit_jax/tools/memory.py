@@ -1,0 +1,78 @@
+"""`vit-jax memory --config FILE [--devices N] [--config.KEY=VALUE ...]`: per-device memory of a run.
+
+Compiles the train step of the config from shapes alone (nothing is
+allocated) and prints parameter, optimizer-state and activation bytes per
+device (vit_jax.training.memory). `--devices N` simulates N CPU devices, so
+the plan of a 64-device FSDP run can be read on a laptop (on CPU the
+activation figure is the CPU compiler's plan; GPU/TPU plans differ).
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax.errors import UsageError
+
+
+def define_flags() -> None:
+  """The command's flags; defined when the command runs, so importing this module adds none."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (e.g. configs/vit_b16.py).',
+                                  lock_config=True)
+  flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices (default: the real ones).')
+  flags.DEFINE_bool('json', False, 'Also print the figures as one JSON line.')
+  flags.mark_flags_as_required(['config'])
+
+
+def simulate_devices(argv: list[str]) -> None:
+  """Reads `--devices N` from the raw arguments: it must reach XLA before JAX starts its backends."""
+  for i, arg in enumerate(argv):
+    count = arg.split('=', 1)[1] if arg.startswith('--devices=') else (
+        argv[i + 1] if arg == '--devices' and i + 1 < len(argv) else None)
+    if count:
+      os.environ['JAX_PLATFORMS'] = 'cpu'
+      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                                 f' --xla_force_host_platform_device_count={count}').strip()
+
+
+def compile_step(config, mesh) -> tuple[Any, Any]:
+  """(setup, compiled train step) for `config` on `mesh`, from shapes only: nothing is allocated."""
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax.training import loop, sharding
+
+  run = loop.setup(config, mesh)
+  placed = sharding.placed(run.abstract_state, run.state_sharding)
+  size = config.input.image_size
+  soft = config.input.mixup_alpha > 0 or config.input.cutmix_alpha > 0
+  label_shape = (config.batch_size, config.dataset.num_classes) if soft else (config.batch_size,)
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+                                         sharding=run.batch_sharding),
+           'label': jax.ShapeDtypeStruct(label_shape, jnp.float32 if soft else jnp.int32,
+                                         sharding=run.batch_sharding)}
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return run, run.step_fn.lower(placed, batch, rng).compile()
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from vit_jax.training import memory, sharding
+
+  config = flags.FLAGS.config
+  try:
+    mesh = sharding.make_mesh(config)
+    run, compiled = compile_step(config, mesh)
+  except UsageError as e:
+    raise SystemExit(f'error: {e}') from None
+  values = memory.report(run.abstract_state, run.state_sharding, compiled)
+  print(f'{config.model.variant}, batch {config.batch_size} on {mesh.size} devices '
+        f'(data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}, '
+        f'accumulation_steps={config.accumulation_steps}, remat={config.model.remat}):')
+  print(memory.format_report(values))
+  if flags.FLAGS.json:
+    print(json.dumps({'variant': config.model.variant, 'batch_size': config.batch_size,
+                      'devices': mesh.size, 'data': mesh.shape['data'], 'fsdp': mesh.shape['fsdp'],
+                      **values}))
