@@ -1,6 +1,6 @@
 """Patch size, depth and width at a fixed compute budget (about 0.012 GFLOPs per image).
 
-  python -m vit_jax.sweeps.sweep experiments/patch_depth_width.py --workdir /tmp/sweeps/pdw --parallel 2
+  vit-jax sweep experiments/patch_depth_width.py --workdir /tmp/sweeps/pdw --parallel 2
 
 Every point costs within 10% of the quickstart ViT's forward FLOPs at 16x16
 pixels (vit_jax.tools.summary's count from XLA's cost analysis, a multiply-add is 2

@@ -1,6 +1,6 @@
 """Class token vs global average pooling at three learning rates (paper appendix D.3, Figure 9).
 
-  python -m vit_jax.sweeps.sweep experiments/pooling.py --workdir /tmp/sweeps/pooling --parallel 2
+  vit-jax sweep experiments/pooling.py --workdir /tmp/sweeps/pooling --parallel 2
 
 The paper finds that a class token and GAP work equally well, but at different
 learning rates: GAP at the class token's 8e-4 does much worse than GAP at

@@ -1,6 +1,6 @@
 """Position embeddings: none, learned 1-D, fixed 2-D sin-cos (paper appendix D.4, Table 8).
 
-  python -m vit_jax.sweeps.sweep experiments/posemb.py --workdir /tmp/sweeps/posemb --parallel 2
+  vit-jax sweep experiments/posemb.py --workdir /tmp/sweeps/posemb --parallel 2
 
 The paper (Table 8: ViT-B/16, ImageNet 5-shot linear accuracy) finds any
 position embedding clearly better than none (about 64% vs 61.4%), and learned

@@ -5,6 +5,7 @@ import os
 # Must happen before JAX initialises its backends.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ['VIT_JAX_COMPILATION_CACHE'] = '0'  # Commands run by tests leave the user's cache alone.
 
 import pytest  # noqa: E402
 

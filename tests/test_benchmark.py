@@ -128,11 +128,29 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
   assert row['ratio'] == pytest.approx(row['vit_jax_images_per_second'] / 32.0)
   assert len(row['vit_jax_page_faults_per_step']) == 3  # Per timed run of the vit_jax worker.
   assert row['vit_jax_devices'] == '2 x cpu'
+  assert row['cpu'] == benchmark_timm.cpu_model() and row['cpu']
   assert 'torch' not in sys.modules
 
 
 def test_side_by_side_bad_input(capsys):
   assert benchmark_timm.main(['--timm_python', '/nonexistent/python']) == 2
-  assert 'does not exist' in capsys.readouterr().err
+  assert 'no python with torch and timm found (looked at --timm_python=/nonexistent/python)' in capsys.readouterr().err
   assert benchmark_timm.main(['--timm_python', sys.executable, '--modes', 'train,eval']) == 2
   assert '--modes has eval' in capsys.readouterr().err
+  assert benchmark_timm.main(['--timm_python', sys.executable, '--variants', 'R50+B/16']) == 2
+  assert "the hybrid 'R50+B/16'" in capsys.readouterr().err
+
+
+def test_timm_python_is_found_without_a_hard_coded_path(monkeypatch, tmp_path):
+  """The flag, then $TIMM_PYTHON, then this python if it has torch and timm; else where it looked."""
+  import importlib.util
+  python = tmp_path / 'python'
+  python.write_text('')
+  monkeypatch.setenv('TIMM_PYTHON', str(python))
+  assert benchmark_timm.find_timm_python('/elsewhere/python') == (None, '--timm_python=/elsewhere/python')
+  assert benchmark_timm.find_timm_python(None) == (str(python), f'$TIMM_PYTHON={python}')
+  monkeypatch.delenv('TIMM_PYTHON')
+  has_timm = bool(importlib.util.find_spec('torch') and importlib.util.find_spec('timm'))
+  found, looked = benchmark_timm.find_timm_python(None)
+  assert found == (sys.executable if has_timm else None)
+  assert has_timm or 'which has no torch/timm' in looked

@@ -8,6 +8,7 @@ import pytest
 from tests.trained_run import trained_run, trained_workdir
 from vit_jax.tools import export
 from vit_jax.data import pipeline
+from vit_jax.checkpoint import run as run_lib
 from vit_jax.tools import predict
 
 
@@ -35,7 +36,7 @@ def test_export_then_predict_gives_the_workdir_logits(tiny_config, tmp_path_fact
   assert meta['class_names'] == [str(d) for d in range(10)] and meta['step'] == run.step == 6
   assert meta['config']['model']['variant'] == 'tiny/4'
 
-  exported = export.load_exported(written['npz'])
+  exported = run_lib.load_exported(written['npz'])
   files = predict.find_images([str(images)])
   np.testing.assert_array_equal(predict.predict_logits(exported, files), predict.predict_logits(run, files))
 

@@ -39,7 +39,8 @@ glibc = pytest.mark.skipif(not hostmem.is_glibc(), reason='the allocator switch 
 
 
 def probe(retain: str) -> tuple[str, int]:
-  env = {**os.environ, 'VIT_JAX_RETAIN_HOST_MEMORY': retain}
+  # JAX_PLATFORMS=cpu: the settings apply to CPU runs only, also on a host with a GPU plugin.
+  env = {**os.environ, 'VIT_JAX_RETAIN_HOST_MEMORY': retain, 'JAX_PLATFORMS': 'cpu'}
   lines = subprocess.run([sys.executable, '-c', PROBE], env=env, capture_output=True, text=True,
                          check=True).stdout.split('\n')
   return lines[0], int(lines[1])

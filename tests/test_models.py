@@ -131,7 +131,7 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
 ])
 def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
   """The projections' dot_general on CPU: lax.dot_general's values and gradients."""
-  from vit_jax.cpu.kernels import dense_dot_general
+  from vit_jax.models.layers import projection_dot_general as dense_dot_general  # CPU: kernels.dense_backward.
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), w_shape)
   numbers = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
@@ -335,3 +335,107 @@ def test_unknown_remat_policy_is_a_clear_error():
   config.model.remat = 'dot_saveable'
   with pytest.raises(UsageError, match="config.model.remat: Unknown remat policy 'dot_saveable'.*dots_saveable"):
     model_from_config(config)
+
+
+# A direct float64 numpy ViT, as google-research/vision_transformer's models_vit.py computes it
+# (pre-LN blocks, flax LayerNorm's epsilon 1e-6, nn.gelu = the tanh approximation).
+NUMPY_GELUS = {
+    'tanh': lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+    'exact': lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))),
+}
+
+
+def numpy_layer_norm(x, p, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+def numpy_encoder_block(x, p, gelu):
+  a = p['MultiHeadDotProductAttention_1']
+  y = numpy_layer_norm(x, p['LayerNorm_0'])
+  q, k, v = (np.einsum('btd,dhk->bthk', y, a[n]['kernel']) + a[n]['bias'] for n in ('query', 'key', 'value'))
+  logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  x = x + np.einsum('bqhk,hkd->bqd', np.einsum('bhqs,bshk->bqhk', weights, v), a['out']['kernel']) + a['out']['bias']
+  m = p['MlpBlock_3']
+  y = NUMPY_GELUS[gelu](numpy_layer_norm(x, p['LayerNorm_2']) @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
+  return x + y @ m['Dense_1']['kernel'] + m['Dense_1']['bias']
+
+
+def numpy_vit(images, params, patch, gelu='tanh'):
+  """(logits, each block's output) of a class-token ViT with learned position embeddings."""
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  b, h, w, c = images.shape
+  x = np.asarray(images, np.float64).reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch * patch * c)
+  x = x @ params['embedding']['kernel'].reshape(-1, params['embedding']['kernel'].shape[-1])
+  x = x + params['embedding']['bias']
+  t = params['Transformer']
+  cls = np.broadcast_to(params['cls'], (b, 1, x.shape[-1]))
+  x = np.concatenate([cls, x], 1) + t['posembed_input']['pos_embedding']
+  blocks = []
+  for i in range(len([k for k in t if k.startswith('encoderblock_')])):
+    x = numpy_encoder_block(x, t[f'encoderblock_{i}'], gelu)
+    blocks.append(x)
+  x = numpy_layer_norm(x, t['encoder_norm'])
+  return x[:, 0] @ params['head']['kernel'] + params['head']['bias'], blocks
+
+
+def max_relative(actual, expected):
+  return float(np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max())
+
+
+def test_default_gelu_is_the_published_models_tanh():
+  """One block and the logits of the default model equal the numpy models_vit.py computation
+  (tanh GELU) to 1e-5 relative in float32; the exact (erf) GELU is measurably off it."""
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  model = create_model('tiny/4', 10)
+  assert model.gelu == 'tanh'
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+  logits, out = jit_apply(model)(params, images)
+  expected_logits, expected_blocks = numpy_vit(images, params, 4, 'tanh')
+  assert max_relative(out['blocks'][0], expected_blocks[0]) < 1e-5
+  assert max_relative(logits, expected_logits) < 1e-5
+  # The exact GELU (same parameters) matches its own reference, and is ~2e-4 away from the tanh one.
+  exact_logits, _ = jit_apply(create_model('tiny/4', 10, gelu='exact'))(params, images)
+  assert max_relative(exact_logits, numpy_vit(images, params, 4, 'exact')[0]) < 1e-5
+  assert max_relative(exact_logits, expected_logits) > 5e-5
+
+
+def test_gelu_tanh_values_and_gradient_are_flax_nn_gelu():
+  from vit_jax.models.layers import gelu_tanh
+  x = jnp.linspace(-8, 8, 4001)
+  np.testing.assert_allclose(gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(gelu_tanh))(x)
+  np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda x: jax.nn.gelu(x, approximate=True)))(x),
+                             rtol=1e-5, atol=1e-5)
+  assert gelu_tanh(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_unknown_gelu_is_a_clear_error():
+  with pytest.raises(ValueError, match="Unknown gelu 'erf'; use one of tanh, exact"):
+    create_model('tiny/4', 5, gelu='erf').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  from vit_jax.config import defaults
+  from vit_jax.errors import UsageError
+  from vit_jax.models import model_from_config
+  config = defaults.get_config()
+  config.model.gelu = 'approximate'
+  with pytest.raises(UsageError, match="config.model.gelu='approximate'; use one of tanh, exact"):
+    model_from_config(config)
+
+
+@pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
+def test_accelerator_attention_backward_matches_autodiff(queries, keys):
+  """The backward that GPU/TPU lowerings of `attention_output` take (no CPU barriers): autodiff's gradients."""
+  from vit_jax.models.layers import head_major_attention, head_major_attention_backward
+  q = jax.random.normal(jax.random.key(0), (2, 3, queries, 16))
+  k, v = jax.random.normal(jax.random.key(1), (2, 2, 3, keys, 16))
+  d_out = jax.random.normal(jax.random.key(2), (2, 3, queries, 16))
+  out, weights = head_major_attention(q, k, v)
+  actual = head_major_attention_backward((q, k, v, weights, out), d_out)
+  expected = jax.vjp(lambda q, k, v: head_major_attention(q, k, v)[0], q, k, v)[1](d_out)
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)

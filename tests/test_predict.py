@@ -12,6 +12,7 @@ from PIL import Image
 from tests.conftest import REPO
 from tests.trained_run import trained_run, trained_workdir
 from vit_jax.data import pipeline
+from vit_jax.checkpoint import run as run_lib
 from vit_jax.tools import predict
 from vit_jax.errors import UsageError
 
@@ -112,8 +113,8 @@ def test_usage_errors(run, tmp_path, workdir):
   with pytest.raises(UsageError, match='Cannot decode'):
     predict.load_images(run.config, [str(tmp_path / 'bad.png')])
   with pytest.raises(UsageError, match='exactly one of --workdir'):
-    predict.run_from_flags(workdir, 'x.npz', None)
+    run_lib.run_from_flags(workdir, 'x.npz', None)
   with pytest.raises(UsageError, match='No config.json'):
-    predict.load_workdir(str(tmp_path))
+    run_lib.load_workdir(str(tmp_path))
   with pytest.raises(UsageError, match='--top_k=0'):
     predict.predict_main([str(tmp_path)], workdir=workdir, top_k_classes=0)

@@ -1,4 +1,4 @@
-"""`python -m vit_jax.tools.summary`: parameters per module, total, GFLOPs, and the last line."""
+"""`vit-jax summary`: parameters per module, total, GFLOPs, and the last line."""
 
 import subprocess
 import sys

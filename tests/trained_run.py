@@ -19,8 +19,8 @@ def trained_workdir(config, tmp_path_factory) -> str:
 
 
 def trained_run(config, tmp_path_factory):
-  """The `vit_jax.tools.predict.Run` of `trained_workdir`; loaded once."""
+  """The `vit_jax.checkpoint.run.Run` of `trained_workdir`; loaded once."""
   if 'run' not in _CACHE:
-    from vit_jax.tools import predict
-    _CACHE['run'] = predict.load_workdir(trained_workdir(config, tmp_path_factory))
+    from vit_jax.checkpoint.run import load_workdir
+    _CACHE['run'] = load_workdir(trained_workdir(config, tmp_path_factory))
   return _CACHE['run']

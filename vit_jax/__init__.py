@@ -8,8 +8,10 @@ first used, so `import vit_jax` does no work):
   load_for_model(path, model, image_size)        published parameters fitted to a model
   load_workdir(dir) / load_exported(npz)         a trained run: config, model, params, class names
   predict_logits(run, files)                     logits of image files (vit_jax.tools.predict)
+  load_images(config, files)                     image files as the model sees them (eval preprocessing)
   attention_maps(intermediates, model, hw)       rollout and last-layer maps (vit_jax.tools.attention_maps)
   train_and_evaluate(config, workdir)            the training loop (vit_jax.training.loop)
+  plot_curves(workdirs, out)                     training curves of workdirs as a PNG (vit_jax.tools.plots)
   get_config()                                   the default config (vit_jax.config.defaults)
 """
 
@@ -27,6 +29,8 @@ _API = {
     'load_workdir': 'vit_jax.checkpoint.run',
     'load_exported': 'vit_jax.checkpoint.run',
     'predict_logits': 'vit_jax.tools.predict',
+    'load_images': 'vit_jax.tools.predict',
+    'plot_curves': 'vit_jax.tools.plots',
     'attention_maps': 'vit_jax.tools.attention_maps',
     'train_and_evaluate': 'vit_jax.training.loop',
     'get_config': 'vit_jax.config.defaults',

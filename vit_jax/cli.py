@@ -10,6 +10,7 @@ import importlib
 import os
 import re
 import sys
+import tempfile
 from typing import NamedTuple, Optional
 
 
@@ -27,7 +28,11 @@ COMMANDS = {
                         True, True),
     'export': Command('vit_jax.tools.export', "a run's parameters as a published-layout .npz + JSON", True),
     'plots': Command('vit_jax.tools.plots', 'training curves of one or several workdirs', True),
+    'fewshot': Command('vit_jax.tools.fewshot', 'few-shot linear accuracy (1/5/10/25 shots) on a dataset', True, True),
+    'analyze': Command('vit_jax.tools.analyze', "the paper's Figure 7: filters, posemb similarity, attention "
+                       'distance', True, True),
     'summary': Command('vit_jax.tools.summary', 'parameters per module and GFLOPs of a variant', False),
+    'devices': Command('vit_jax.tools.devices', 'the devices JAX sees and the attention it runs there', False),
     'memory': Command('vit_jax.tools.memory', 'per-device memory of a config, from shapes alone', True),
     'sweep': Command('vit_jax.sweeps.command', 'run an ablation sweep file and report it', False),
     'benchmark': Command('vit_jax.bench.benchmark', 'train/inference images/s and MFU of a variant', False,
@@ -36,6 +41,19 @@ COMMANDS = {
     'input-benchmark': Command('vit_jax.bench.input', 'input pipeline images/s against the train step',
                                True, True),
 }
+
+
+# Commands whose work loads TensorFlow (the data pipeline, image decoding): it is imported first, with
+# its C++ start-up lines kept off the console.
+LOADS_TENSORFLOW = frozenset({'train', 'predict', 'evaluate', 'export', 'fewshot', 'analyze',
+                              'input-benchmark'})
+# Commands that keep their compiled programs in JAX's persistent compilation cache, so that running one
+# again on the same model skips XLA's compilation. Not the benchmarks: they report compile times.
+USES_COMPILATION_CACHE = frozenset({'train', 'predict', 'evaluate', 'fewshot', 'analyze', 'memory'})
+# What TensorFlow's C++ code prints while it is imported, before its logging is set up: absl's C++
+# log writes these to stderr whatever TF_CPP_MIN_LOG_LEVEL says.
+TENSORFLOW_STARTUP_LINES = ('All log messages before absl::InitializeLog', 'oneDNN custom operations are on',
+                            'cpu_feature_guard.cc', 'To enable the following instructions')
 
 
 def usage() -> str:
@@ -59,6 +77,9 @@ def flag_error_text(e: Exception) -> str:
   error.
   """
   text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
+  required = re.search(r'Flag --(\S+) must have a value other than None', text)
+  if required:
+    text = f'--{required.group(1)} is required'
   if isinstance(e, (AttributeError, KeyError)):
     key = re.search(r"'([^']+)'", text)
     guess = re.search(r'Did you mean "([^"]+)"', text)
@@ -68,12 +89,96 @@ def flag_error_text(e: Exception) -> str:
   return text
 
 
+def unknown_override(argv: list[str]) -> Optional[str]:
+  """The error of the first --config.KEY in `argv` that the --config file lacks, with its full dotted key."""
+  from vit_jax.config import files
+  from vit_jax.errors import UsageError
+
+  paths = [argv[i + 1] if a == '--config' and i + 1 < len(argv) else a.split('=', 1)[1]
+           for i, a in enumerate(argv) if a == '--config' or a.startswith('--config=')]
+  try:
+    config = files.load_config(paths[-1]) if paths else None
+  except UsageError:
+    return None
+  keys = [m.group(1) for m in map(re.compile(r'--?(?:no)?config\.([\w.]+)').match, argv) if m]
+  return next(filter(None, (files.unknown_key(config, key) for key in keys)), None) if config else None
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its C++ start-up lines filtered out of stderr; every other line passes."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)  # The C++ code writes to file descriptor 2, not to sys.stderr.
+    try:
+      import tensorflow  # noqa: F401
+    except ImportError:  # An accelerator host without TensorFlow: the model and train step need none.
+      pass
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+        if not any(noise in line for noise in TENSORFLOW_STARTUP_LINES):
+          sys.stderr.write(line)
+
+
+def compilation_cache_dir() -> str:
+  """Where compiled programs are kept: $VIT_JAX_COMPILATION_CACHE_DIR, else the user's cache directory."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.environ.get('VIT_JAX_COMPILATION_CACHE_DIR') or os.path.join(base, 'vit_jax', 'jax_cache')
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (skipped, with a warning, if unwritable)."""
+  import jax
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    print(f'warning: no compilation cache ({e}); set VIT_JAX_COMPILATION_CACHE_DIR to a writable '
+          'directory, or VIT_JAX_COMPILATION_CACHE=0.', file=sys.stderr)
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  # JAX's default keeps only programs that took over 1 s to compile; predict's forward pass of a small
+  # model compiles faster than that and is still worth keeping.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
+
+
+HELP_FLAGS = frozenset({'-h', '--help', '-?', '--helpshort'})
+
+
+def command_help(module, prog: str, names: list[str]) -> str:
+  """`--help` of an absl command: its docstring and its own flags (absl's would show neither)."""
+  from absl import flags
+  lines = [(module.__doc__ or prog).strip(), '', f'flags of {prog}:']
+  for name in names:
+    flag = flags.FLAGS[name]
+    default = '' if flag.default is None else f' (default: {flag.default_as_str})'
+    text = f'--{"[no]" if flag.boolean else ""}{name}: {flag.help}{default}'
+    lines.append(flags.text_wrap(text, indent='    ', firstline_indent='  '))
+  if 'config' in names and flags.FLAGS['config'].flag_type() == 'config object':  # predict's is a path.
+    lines.append('  --config.KEY=VALUE: sets one key of the config; every key is declared in '
+                 'vit_jax/config/defaults.py')
+  return '\n'.join(lines)
+
+
 def parse_absl_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every bad flag or config override as one `error:` line, exit 2."""
   from absl import flags
+
+  from vit_jax.errors import UsageError
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except UsageError as e:  # A --config file that does not load (vit_jax.config.files).
+    fail(str(e))
+  except (AttributeError, KeyError) as e:  # A misspelt --config.KEY.
+    fail(unknown_override(argv[1:]) or flag_error_text(e))
+  except flags.Error as e:
+    fail(f'{flag_error_text(e)} ({argv[0]} --help lists the flags)')
+  except (TypeError, ValueError) as e:
     fail(flag_error_text(e))
   except SystemExit:
     raise
@@ -81,23 +186,45 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     fail(f'{type(e).__name__}: {" ".join(str(e).split())[:500]}')
 
 
-def run_absl(module, prog: str, argv: list[str]) -> int:
+def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False) -> int:
   """Defines the module's flags, parses `argv` and runs `module.main`, with UsageError as one line."""
   from absl import app, flags, logging
 
   from vit_jax.errors import UsageError
 
+  app.define_help_flags()  # absl defines them once per process: before `known`, so they are never forgotten.
+  known = set(flags.FLAGS)
   module.define_flags()
+  if compilation_cache:
+    flags.DEFINE_bool('compilation_cache', os.environ.get('VIT_JAX_COMPILATION_CACHE', '1') != '0',
+                      f'Keep compiled programs in {compilation_cache_dir()} ($VIT_JAX_COMPILATION_CACHE_DIR), '
+                      'so that the next run of the same model starts faster; --nocompilation_cache or '
+                      'VIT_JAX_COMPILATION_CACHE=0 turns it off.')
 
   def main(args: list[str]) -> None:
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
+    if compilation_cache and flags.FLAGS.compilation_cache:
+      enable_compilation_cache(compilation_cache_dir())
     try:
       module.main(args)
-    except UsageError as e:
+    except (UsageError, app.UsageError) as e:  # absl's own would print the usage text and exit 1.
       fail(str(e))
 
-  app.run(main, argv=[prog] + argv, flags_parser=parse_absl_flags)
+  defined = [name for name in flags.FLAGS if name not in known]
+  saved_argv = sys.argv
+  # ml_collections' --config finds its --config.KEY=VALUE overrides in sys.argv.
+  sys.argv = [prog] + argv
+  try:
+    if HELP_FLAGS & set(argv):
+      print(command_help(module, prog, defined))
+      return 0
+    app.run(main, argv=[prog] + argv, flags_parser=parse_absl_flags)
+  finally:
+    sys.argv = saved_argv
+    # Forget this command's flags (and the --config.KEY ones), so that `main` can run again in-process.
+    for name in [n for n in flags.FLAGS if n.split('.')[0] in defined]:
+      delattr(flags.FLAGS, name)
   return 0
 
 
@@ -107,14 +234,16 @@ def run(name: str, argv: list[str]) -> int:
     fail(f'unknown command {name!r}; commands: {", ".join(COMMANDS)} (vit-jax --help).')
   command = COMMANDS[name]
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up lines.
-  if command.retain_host_memory and '--help' not in argv:
+  if command.retain_host_memory and not HELP_FLAGS & set(argv):
     from vit_jax.cpu import hostmem
     hostmem.retain_freed_memory()  # Before JAX starts.
+  if name in LOADS_TENSORFLOW and not HELP_FLAGS & set(argv):
+    import_tensorflow_quietly()
   module = importlib.import_module(command.module)
   if name == 'memory':
     module.simulate_devices(argv)  # Before JAX starts its backends.
   if command.absl:
-    return run_absl(module, f'vit-jax {name}', argv)
+    return run_absl(module, f'vit-jax {name}', argv, compilation_cache=name in USES_COMPILATION_CACHE)
   return int(module.main(argv) or 0)
 
 

@@ -8,17 +8,20 @@ or with --multihost where JAX detects the cluster itself (SLURM, TPU pods).
 import sys
 
 from absl import flags
-from ml_collections import config_flags
+
+from vit_jax.config import files
 
 
 def define_flags() -> None:
   """The launcher's flags; defined when it runs, so importing this module adds none."""
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/quickstart.py.',
-                                  lock_config=True)
+  files.define_config_flag('Config: a configs/*.py file (e.g. configs/quickstart.py, or '
+                           'configs/image_folder.py:PATH), or a workdir config.json.')
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a multi-process run.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
   flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1.')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds a process waits for the others of a '
+                       'multi-process run to join before it gives up, naming what it waited for.')
   flags.DEFINE_bool('multihost', False, 'Join a multi-process run detected from the environment (SLURM, TPU).')
   flags.DEFINE_integer(
       'cpu_devices', None, 'Split the CPU into this many JAX devices, each running the data-parallel '
@@ -38,7 +41,7 @@ def main(argv: list[str]) -> None:
   try:
     cpu_devices.split_cpu(f.cpu_devices)  # Before JAX creates its CPU backend.
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
-                                    auto=f.multihost)
+                                    auto=f.multihost, timeout_s=f.distributed_timeout)
     loop.train_and_evaluate(f.config, f.workdir)
   except steps.DivergenceError as e:
     raise UsageError(str(e)) from None

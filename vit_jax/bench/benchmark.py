@@ -1,11 +1,11 @@
 """Throughput of vit_jax's real train step (or forward pass), against this device's matmul ceiling.
 
-  python -m vit_jax.bench.benchmark --variant B/16 --batch_size 8 [--mode train|inference]
+  vit-jax benchmark --variant B/16 --batch_size 8 [--mode train|inference]
       [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
       [--remat none|full|dots_saveable|...] [--scan] [--cpu_devices N]
       [--xla_flags='--flag=value ...'] [--json]
 
-Builds the train step exactly as training does (`loop.setup`: the model of
+Builds the train step exactly as training does (`vit_jax.training.setup`: the model of
 `config.model`, AdamW with clipping from `vit_jax.training.optim`, donated state, one
 jit over the device mesh) on synthetic data, compiles it once, warms it up
 (single steps until one no longer faults host memory in: at most 6), then
@@ -75,22 +75,32 @@ def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,
   return config
 
 
-def matmul_flops_per_image(model, image_size: int, mode: str) -> float:
+def matmul_flops_per_image(model, image_size, mode: str) -> float:
   """Analytic FLOPs of the model's matrix products for one image (a multiply-add counts 2).
 
-  Patch embedding, per block the q/k/v/out projections, q k^T, the weighted
-  sum of values and the two MLP layers, then the head. Training is the
-  forward pass plus twice its work for the two gradients of each product,
-  except the embedding's gradient with respect to the images, which is never
-  computed. Element-wise work (softmax, GELU, LayerNorm, the optimizer) is
-  left out; XLA's count includes it.
+  A hybrid's ResNet convolutions, the patch embedding, per block the
+  q/k/v/out projections, q k^T, the weighted sum of values and the two MLP
+  layers, then the head. Training is the forward pass plus twice its work for
+  the two gradients of each product, except the first layer's gradient with
+  respect to the images, which is never computed. Element-wise work
+  (softmax, GELU, LayerNorm, GroupNorm, the optimizer) is left out; XLA's
+  count includes it.
   """
+  from vit_jax.config.sizes import image_hw
+  from vit_jax.models.resnet import resnet_conv_flops
   d, m, p = model.hidden_size, model.mlp_dim, model.patch_size
-  n = (image_size // p) ** 2 + model.num_prefix_tokens
-  embed = 2 * (image_size // p) ** 2 * p * p * 3 * d
+  height, width = image_hw(image_size)
+  gh, gw = model.token_grid(height, width)
+  n = gh * gw + model.num_prefix_tokens
+  channels, resnet, first = 3, 0.0, None
+  if model.resnet_stages is not None:
+    stages = tuple(model.resnet_stages)
+    resnet, first = resnet_conv_flops(height, width, stages, model.resnet_width)
+    channels = model.resnet_width * (4 * 2 ** (len(stages) - 1) if stages else 1)
+  embed = 2 * gh * gw * p * p * channels * d
   block = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
-  forward = embed + model.num_layers * block + 2 * d * model.num_classes
-  return float(forward if mode == 'inference' else 3 * forward - embed)
+  forward = resnet + embed + model.num_layers * block + 2 * d * model.num_classes
+  return float(forward if mode == 'inference' else 3 * forward - (embed if first is None else first))
 
 
 def program(run, mode: str, state, batch, rng) -> tuple[Callable, tuple]:
@@ -119,17 +129,18 @@ class Workload:
     import numpy as np
 
     from vit_jax.training import sharding
-    from vit_jax.training import loop, steps
+    from vit_jax.training import setup as setup_lib
 
     if mode not in MODES:
       raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
     self.mode, self.batch_size = mode, batch_size
     config = benchmark_config(variant, image_size, batch_size, dtype, model_options)
     mesh = sharding.make_mesh(config)
-    run = loop.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
+    run = setup_lib.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
     self.model = run.model
     rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    from vit_jax.config.sizes import image_hw
+    images = rng.uniform(-1, 1, (batch_size, *image_hw(image_size), 3)).astype(np.float32)
     labels = rng.integers(0, 1000, batch_size).astype(np.int32)
     self.batch = sharding.global_batch({'image': images, 'label': labels}, run.batch_sharding)
     self.state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
@@ -144,7 +155,7 @@ class Workload:
       # XLA counts a loop body once, not once per layer, and recomputation is
       # not the model's work: count the plain program (lowered, not compiled).
       # Before partitioning, the lowered program is the whole batch's.
-      plain = loop.setup(benchmark_config(variant, image_size, batch_size, dtype,
+      plain = setup_lib.setup(benchmark_config(variant, image_size, batch_size, dtype,
                                            {**options, 'scan': False, 'remat': False}), mesh)
       state = sharding.placed(plain.abstract_state, plain.state_sharding)
       batch = sharding.placed(jax.eval_shape(lambda: self.batch),
@@ -336,7 +347,8 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
   from vit_jax.models import SIZES
   p = ArgumentParser(prog='vit-jax benchmark', description=__doc__.split('\n\n')[1])
-  p.add_argument('--variant', default='B/16', help=f'SIZE/PATCH, SIZE one of {", ".join(SIZES)} (default B/16)')
+  p.add_argument('--variant', default='B/16', help=f'SIZE/PATCH, SIZE one of {", ".join(SIZES)}, or a hybrid '
+                 'such as R50+B/16 (default B/16)')
   p.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
   p.add_argument('--batch_size', type=int, default=8, help='global batch (default 8)')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='compute dtype; params stay float32')

@@ -1,6 +1,6 @@
 """Is data or compute the bottleneck? Times the training input pipeline alone, and a train step.
 
-  python -m vit_jax.bench.input [--folder=PATH] [--model=S/16]
+  vit-jax input-benchmark [--folder=PATH] [--model=S/16]
 
 Prints the images/s of the real training pipeline (`pipeline.train_iterator`
 on an image folder: JPEG decode, 224 px Inception crop, flip, RandAugment 2/10,
@@ -61,7 +61,8 @@ def pipeline_images_per_sec(folder: str) -> float:
   config = defaults.get_config()
   config.dataset.name = pipeline.IMAGE_FOLDER
   config.dataset.folder = folder
-  config.dataset.num_classes = len(image_folder.class_names(folder))
+  # Indexing checks the folder (missing, fewer than 2 classes, no images); the pipeline reuses the index.
+  config.dataset.num_classes = len(image_folder.index_folder(folder, 0.0).class_names)
   config.dataset.test_fraction = 0.0
   config.batch_size = _BATCH_SIZE.value
   config.input.image_size = _IMAGE_SIZE.value
@@ -80,16 +81,10 @@ def pipeline_images_per_sec(folder: str) -> float:
   return _STEPS.value * config.batch_size / (time.perf_counter() - start)
 
 
-def train_step_images_per_sec(variant: str) -> tuple[float, str]:
-  """Images/s of `steps.train_step` for `variant` at the benchmark's image size, synthetic data."""
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-
+def model_config(variant: str):
+  """The config of the timed train step; raises UsageError for a bad --model or --image_size."""
   from vit_jax.config import defaults
-  from vit_jax.training import optim
-  from vit_jax.training import loop, steps
+  from vit_jax.errors import UsageError
   from vit_jax.models import model_from_config
 
   config = defaults.get_config()
@@ -97,6 +92,25 @@ def train_step_images_per_sec(variant: str) -> tuple[float, str]:
   config.dataset.num_classes = 1000
   config.input.image_size = _IMAGE_SIZE.value
   config.batch_size = _MODEL_BATCH.value
+  try:
+    model_from_config(config)
+  except UsageError as e:
+    raise UsageError(f'--model={variant} --image_size={_IMAGE_SIZE.value}: {e}') from None
+  return config
+
+
+def train_step_images_per_sec(variant: str) -> tuple[float, str]:
+  """Images/s of `steps.train_step` for `variant` at the benchmark's image size, synthetic data."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax.training import optim
+  from vit_jax.training import steps
+  from vit_jax.models import model_from_config
+
+  config = model_config(variant)
   model = model_from_config(config)
   tx, schedule = optim.create_optimizer(config), optim.create_schedule(config)
   state = jax.jit(functools.partial(steps.create_train_state, model=model, tx=tx,
@@ -117,10 +131,30 @@ def train_step_images_per_sec(variant: str) -> tuple[float, str]:
   return rate, f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)'
 
 
+def check_flags() -> None:
+  """Raises UsageError for a flag value the benchmark cannot run with, before anything is timed."""
+  from vit_jax.errors import UsageError
+
+  for holder in (_NUM_IMAGES, _BATCH_SIZE, _STEPS, _IMAGE_SIZE, _MODEL_BATCH, _MODEL_STEPS):
+    if holder.value < 1:
+      raise UsageError(f'--{holder.name}={holder.value} must be a positive integer.')
+  if _THREADS.value < 0:
+    raise UsageError(f'--threads={_THREADS.value} must be 0 (one per core) or more.')
+  if _FOLDER.value and not os.path.isdir(_FOLDER.value):
+    raise UsageError(f'--folder={_FOLDER.value!r} is not a folder; pass a folder with one sub-folder of '
+                     'images per class, or leave --folder out to time generated JPEGs.')
+  if _MODEL.value:
+    model_config(_MODEL.value)
+
+
 def main(argv):
-  del argv
+  from vit_jax.errors import UsageError
+
+  if len(argv) > 1:
+    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}; every option is a --flag.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  check_flags()
   cores = len(os.sched_getaffinity(0))
   threads = _THREADS.value or cores
   recipe = (f'{_IMAGE_SIZE.value} px Inception crop + flip + RandAugment({_RANDAUGMENT.value}, '

@@ -1,14 +1,15 @@
 """Side by side: vit_jax's train step (or forward pass) against timm's ViT on PyTorch.
 
-  python -m vit_jax.bench.timm --variants Ti/16,S/16,B/16 --modes train,inference \
+  vit-jax benchmark-timm --variants Ti/16,S/16,B/16 --modes train,inference \
       [--batch_size 8] [--image_size 224] [--dtype float32] [--steps 3] [--repeats 5] \
-      [--timm_python /work/timm-venv/bin/python] [--json]
+      [--timm_python PATH] [--json]
 
-PyTorch and timm are never dependencies of vit_jax: they live in their own
-virtual environment, whose python runs this file as a worker
-(`--timm_python`; see the README's Performance section for its install).
+PyTorch and timm are never needed by vit_jax itself. The torch side runs in
+the python that `--timm_python` or $TIMM_PYTHON names (a venv of its own),
+or else in this one when it has torch and timm (`pip install -e .[bench]`);
+that python runs this file as a worker script.
 For each variant and mode, two worker processes are built and warmed up once:
-`python -m vit_jax.bench.benchmark --serve` (the real jitted train step, as
+`vit-jax benchmark --serve` (the real jitted train step, as
 `vit_jax.bench.benchmark` times it) and timm's `VisionTransformer` of the same
 width, depth, heads, patch, resolution and 1000 classes, trained by AdamW with
 gradient-norm clipping at 1.0 as vit_jax's default optimizer. Their timed runs
@@ -29,9 +30,7 @@ import sys
 import time
 from typing import Any, Optional
 
-DEFAULT_TIMM_PYTHON = '/work/timm-venv/bin/python'
-
-from vit_jax.errors import ArgumentParser
+TIMM_PYTHON_ENV = 'TIMM_PYTHON'
 
 
 # ---------------------------------------------------------------- the rows
@@ -162,7 +161,10 @@ class Worker:
 
 def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
   """Builds both workers for one (variant, mode), alternates their timed runs; returns the row."""
-  from vit_jax.models.variants import parse_variant
+  from vit_jax.models.variants import HYBRIDS, parse_variant
+  if variant in HYBRIDS:  # timm's VisionTransformer has no ResNet stem: it would time another model.
+    raise ValueError(f'--variants has the hybrid {variant!r}; the side-by-side compares plain ViTs only '
+                     '(time hybrids alone with vit-jax benchmark).')
   fields = parse_variant(variant)
   common = ['--variant', variant, '--mode', mode, '--batch_size', str(args.batch_size),
             '--image_size', str(args.image_size), '--dtype', args.dtype, '--steps', str(args.steps)]
@@ -174,7 +176,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
                       'vit_jax')
   timm = None
   try:
-    timm = Worker([args.timm_python, os.path.abspath(__file__), '--worker', json.dumps(options)], 'timm')
+    timm = Worker([args.timm_python, os.path.abspath(__file__), json.dumps(options)], 'timm')
     jax_seconds, timm_seconds = [], []
     for repeat in range(args.repeats):
       pair = (jax_worker, timm) if repeat % 2 == 0 else (timm, jax_worker)
@@ -196,9 +198,36 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
   return row
 
 
+def find_timm_python(flag: Optional[str]) -> tuple[Optional[str], str]:
+  """(python with torch and timm, or None; where it was looked for): the flag, $TIMM_PYTHON, this python."""
+  import importlib.util
+  if flag:
+    return (flag if os.path.exists(flag) else None), f'--timm_python={flag}'
+  if os.environ.get(TIMM_PYTHON_ENV):
+    path = os.environ[TIMM_PYTHON_ENV]
+    return (path if os.path.exists(path) else None), f'${TIMM_PYTHON_ENV}={path}'
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('timm'):
+    return sys.executable, 'this python'
+  return None, f'--timm_python, ${TIMM_PYTHON_ENV} and this python ({sys.executable}, which has no torch/timm)'
+
+
+def cpu_model() -> str:
+  """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else what Python's platform knows."""
+  import platform
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def parser() -> argparse.ArgumentParser:
+  from vit_jax.errors import ArgumentParser
   p = ArgumentParser(prog='vit-jax benchmark-timm',
-                              description='vit_jax against timm, same variant, batch and machine.')
+                     description='vit_jax against timm, same variant, batch and machine.')
   p.add_argument('--variants', default='Ti/16,S/16,B/16', help='comma-separated SIZE/PATCH list')
   p.add_argument('--modes', default='train,inference', help='comma-separated: train, inference')
   p.add_argument('--batch_size', type=int, default=8)
@@ -206,24 +235,21 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
   p.add_argument('--repeats', type=int, default=5, help='timed runs of each side (default 5)')
-  p.add_argument('--timm_python', default=os.environ.get('TIMM_PYTHON', DEFAULT_TIMM_PYTHON),
-                 help=f'python of the venv with torch and timm (default $TIMM_PYTHON or {DEFAULT_TIMM_PYTHON})')
+  p.add_argument('--timm_python', default=None,
+                 help='python of a venv with torch and timm (default $TIMM_PYTHON, else this python '
+                      'if it has them: pip install -e .[bench])')
   p.add_argument('--cpu_devices', type=int, default=None,
                  help='CPU devices of the vit_jax side, as its --cpu_devices (default $VIT_JAX_CPU_DEVICES or 1)')
   p.add_argument('--json', action='store_true', help='print the rows as JSON lines')
-  p.add_argument('--worker', metavar='OPTIONS', help=argparse.SUPPRESS)  # Internal: the timm side.
   return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
   args = parser().parse_args(argv)
-  if args.worker:
-    timm_worker(json.loads(args.worker))
-    return 0
-  if not os.path.exists(args.timm_python):
-    print(f'error: --timm_python={args.timm_python} does not exist; create the timm venv (README, '
-          'Performance) or point --timm_python / $TIMM_PYTHON at a python with torch and timm.',
-          file=sys.stderr)
+  args.timm_python, looked = find_timm_python(args.timm_python)
+  if args.timm_python is None:
+    print(f'error: no python with torch and timm found (looked at {looked}); run `pip install -e .[bench]` '
+          'or point --timm_python / $TIMM_PYTHON at one (docs/performance.md).', file=sys.stderr)
     return 2
   modes = args.modes.split(',')
   bad = [m for m in modes if m not in ('train', 'inference')]
@@ -231,10 +257,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: --modes has {",".join(bad)}; use train and/or inference.', file=sys.stderr)
     return 2
   rows = []
+  cpu = f'{cpu_model()} ({os.cpu_count()} cores)'
+  if not args.json:
+    print(f'CPU: {cpu}', flush=True)
   try:
     for variant in args.variants.split(','):
       for mode in modes:
-        rows.append(compare(variant, mode, args))
+        rows.append({**compare(variant, mode, args), 'cpu': cpu})
         if args.json:
           print(json.dumps(rows[-1]), flush=True)
         else:  # The header with the first row, then a line per row as it is measured.
@@ -244,3 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
+
+
+if __name__ == '__main__':  # The torch side, run by the timm python as a plain script.
+  timm_worker(json.loads(sys.argv[1]))

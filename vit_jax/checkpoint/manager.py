@@ -2,11 +2,20 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a crash mid-write never leaves a half checkpoint under its step
-name. A checkpoint that is damaged afterwards (truncated, deleted files) is
-detected at restore: it is moved to `workdir/corrupt_checkpoints/` and the
-next older one is used.
+name. Before resuming, each checkpoint's saved tree (orbax's metadata: the
+path, shape and dtype of every array) is compared with the train state the
+new config builds:
+- a checkpoint whose metadata or arrays cannot be read (truncated, deleted
+  files) is damaged: it is moved to `workdir/corrupt_checkpoints/` and the
+  next older one is used;
+- a readable checkpoint whose tree or shapes differ was written by a config
+  the new one cannot continue (another optimizer chain, model size, number of
+  classes): that is a UsageError naming the config keys that changed, raised
+  before anything is written.
+Every process takes the same decision: process 0's verdict is broadcast.
 """
 
+import datetime
 import json
 import os
 import re
@@ -16,18 +25,14 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from vit_jax.errors import UsageError
 
-# Config keys that change the shapes of the train state: a workdir whose
-# checkpoints were written with other values belongs to a different model.
-MODEL_KEYS = ('model', 'dataset.num_classes', 'input.image_size', 'optimizer.name')
-# Fields of config.model that change how the model is computed, not its
-# parameters: a run may resume with other values (e.g. remat switched on to
-# fit in memory).
-COMPUTE_ONLY_MODEL_KEYS = ('remat', 'attention', 'dtype')
+# Verdicts on a checkpoint, as small integers so that processes can agree on them.
+_FITS, _DAMAGED, _INCOMPATIBLE = 0, 1, 2
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -35,17 +40,22 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
 
   Keeps the latest `config.keep_checkpoints` steps and, if
   `config.best_metric` is set, also the one with the best value of that eval
-  metric. Saves are asynchronous: `save` returns once the state is copied to
-  host and the write to disk overlaps the next training steps.
+  metric, whose metrics orbax then writes beside each checkpoint (so that the
+  best is still known after a resume, and `--step best` can find it). Saves
+  are asynchronous: `save` returns once the state is copied to host and the
+  write to disk overlaps the next training steps.
   """
   policies = [checkpoint_managers.LatestN(n=config.keep_checkpoints)]
+  best = {}
   if config.best_metric:
     metric = config.best_metric
+    get_metric = lambda metrics: metrics[metric]  # noqa: E731
     policies.append(checkpoint_managers.BestN(
-        get_metric_fn=lambda metrics: metrics[metric], reverse=config.best_mode == 'min', n=1,
+        get_metric_fn=get_metric, reverse=config.best_mode == 'min', n=1,
         keep_checkpoints_without_metrics=False))
+    best = dict(best_fn=get_metric, best_mode=config.best_mode)  # best_fn: metrics are written to disk.
   options = ocp.CheckpointManagerOptions(
-      create=True, preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+      create=True, preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
 
 
@@ -64,6 +74,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     raise _write_error(manager, e) from None
 
 
+def _close_after_error(manager: ocp.CheckpointManager) -> None:
+  """Closes `manager` after a failed write, so that its writer threads end before the error is shown."""
+  try:
+    manager.close()
+  except Exception:  # The same write error again: the one being reported.
+    pass
+
+
 def finish(manager: ocp.CheckpointManager) -> None:
   """Waits for the last asynchronous save and closes `manager`."""
   try:
@@ -74,29 +92,214 @@ def finish(manager: ocp.CheckpointManager) -> None:
 
 
 def _write_error(manager: ocp.CheckpointManager, error: Exception) -> UsageError:
-  message = str(error).splitlines()[0] if str(error) else type(error).__name__
-  # Tensorstore wraps the OS error: '... Failed to write N bytes to file 8: File too large [os_error_code=...]'.
-  found = re.search(r': ([^:\[]+?) \[os_error_code', message)
-  reason = found.group(1) if found else message[:300]
+  _close_after_error(manager)
+  text = str(error)
+  # Tensorstore wraps the OS error: '... Failed to write N bytes to file 8: File too large [os_error_code=...]',
+  # on the first line or a later one depending on which writer thread failed first.
+  found = re.search(r': ([^:\[\n]+?) \[os_error_code', text)
+  reason = found.group(1) if found else (text.splitlines()[0][:300] if text else type(error).__name__)
   return UsageError(f'Cannot write a checkpoint to {manager.directory}: {reason}. Free disk space or '
                     'choose another --workdir; the checkpoints already written are kept.')
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Optional[Any]:
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _agreed(verdict: int) -> int:
+  """Process 0's `verdict`, on every process: all take the same branch from the same files."""
+  if jax.process_count() == 1:
+    return verdict
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
+
+
+# --- What a checkpoint holds, and whether the new config's train state fits it. ---
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+  """'params/head/kernel' -> leaf for every array leaf of a state, of orbax's metadata tree or of a restore.
+
+  Dataclass fields, namedtuple fields and dict keys all become path names,
+  and empty nodes (optax's EmptyState, None) have no leaves, so a train state
+  and the metadata of its checkpoint give the same paths.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf for path, leaf in flat}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
+
+
+def saved_tree(step_dir: str) -> Any:
+  """The tree of array metadata (shape, dtype) of the train state saved in `step_dir`.
+
+  Reads orbax's `_METADATA` file only, no array data.
+  """
+  from etils import epath  # Orbax's path type.
+
+  handler = ocp.PyTreeCheckpointHandler()  # The handler alone: no step-level files, no barriers.
+  try:
+    return handler.metadata(epath.Path(step_dir) / 'default').tree
+  finally:
+    handler.close()
+
+
+def _state_difference(saved: dict, wanted: dict) -> str:
+  """A short description of how two `_shapes` maps differ; '' when they are equal."""
+  parts = []
+  only_saved = sorted(set(saved) - set(wanted))
+  only_wanted = sorted(set(wanted) - set(saved))
+  reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  if only_saved:
+    parts.append(f'{len(only_saved)} saved arrays this config has no place for, e.g. {only_saved[0]}')
+  if only_wanted:
+    parts.append(f'{len(only_wanted)} arrays this config needs that were not saved, e.g. {only_wanted[0]}')
+  if reshaped:
+    k = reshaped[0]
+    parts.append(f'{len(reshaped)} arrays of another shape, e.g. {k} saved {saved[k]}, now {wanted[k]}')
+  return '; '.join(parts)
+
+
+def _verdict(step_dir: str, abstract_state: Any) -> tuple[int, str, Any]:
+  """(_FITS, '', saved tree), (_DAMAGED, reason, None) or (_INCOMPATIBLE, difference, saved tree)."""
+  try:
+    saved = saved_tree(step_dir)
+  except Exception as e:  # Orbax raises many types for missing or unreadable files.
+    return _DAMAGED, _first_line(e), None
+  difference = _state_difference(_shapes(saved), _shapes(abstract_state))
+  return (_INCOMPATIBLE if difference else _FITS), difference, saved
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, saved: Any, abstract_state: Any) -> Any:
+  """The checkpoint at `step` as a state like `abstract_state`, its arrays matched by path.
+
+  The restore target has the saved tree's own structure (so empty nodes
+  that differ, e.g. a state field added since as None, do not matter), with
+  the shape, dtype and sharding of `abstract_state`'s array at each path.
+  """
+  wanted = _by_path(abstract_state)
+  target = jax.tree_util.tree_map_with_path(
+      lambda path, _: wanted[jax.tree_util.keystr(path, simple=True, separator='/')], saved)
+  restored = _by_path(manager.restore(step, args=ocp.args.StandardRestore(target)))
+  treedef = jax.tree_util.tree_structure(abstract_state)
+  return jax.tree_util.tree_unflatten(treedef, [restored[path] for path in wanted])
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """A config's JSON form as {'optimizer.grad_clip_norm': 1.0, ...}."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flat(value, f'{prefix}.{key}' if prefix else key))
+  return flat
+
+
+def saved_config(workdir: str) -> Optional[dict]:
+  """The JSON form of `workdir/config.json`, or None when there is none."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict,
+                   added: bool = False) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, new value)} of every key where `config` differs from `saved` (config.json).
+
+  Keys that only one of them has (a config.json written before a key was
+  added) count only with `added`, as (None, value) or (value, None).
+  """
+  old, new = _flat(saved or {}), _flat(json.loads(config.to_json_best_effort()))
+  keys = set(old) | set(new) if added else set(old) & set(new)
+  return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+
+
+def format_changes(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
+  """'optimizer.grad_clip_norm 1.0 -> 0.0, ...' (at most `limit` keys, then a count)."""
+  shown = [f'{k} {old!r} -> {new!r}' for k, (old, new) in list(changes.items())[:limit]]
+  if len(changes) > limit:
+    shown.append(f'and {len(changes) - limit} more')
+  return ', '.join(shown)
+
+
+def _incompatible_error(workdir: str, step: int, difference: str,
+                        config: Optional[ml_collections.ConfigDict]) -> UsageError:
+  saved = saved_config(workdir)
+  if config is None:
+    changed = 'compare its config.json with this config'
+  elif saved is None:
+    changed = 'the workdir has no config.json to compare the config with'
+  else:
+    changes = config_changes(saved, config) or config_changes(saved, config, added=True)
+    changed = (f'config keys changed from its config.json: {format_changes(changes)}' if changes else
+               'no config key differs from its config.json, so the code that builds the train state changed')
+  return UsageError(
+      f'--workdir {workdir} holds checkpoints (step {step}) whose train state this config cannot continue '
+      f'({difference}); {changed}. Resume with the original values, or start a new --workdir with '
+      f'--config.init.path={workdir} to begin from its parameters.')
+
+
+def _finished_steps(directory: str) -> list[int]:
+  """Steps of the finished checkpoints in `directory`, newest first.
+
+  Orbax renames a checkpoint to its step when it is complete; its temporary
+  directories are not all digits.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any) -> None:
+  """Fails, writing nothing, if the newest readable checkpoint of `workdir` cannot take `abstract_state`.
+
+  Damaged checkpoints are skipped here (restore_latest sets them aside): a
+  run whose latest checkpoint is damaged and whose previous one fits resumes.
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  for step in _finished_steps(directory):
+    verdict, detail, _ = _verdict(os.path.join(directory, str(step)), abstract_state)
+    verdict = _agreed(verdict)
+    if verdict == _INCOMPATIBLE:
+      raise _incompatible_error(workdir, step, detail or 'differs on process 0', config)
+    if verdict == _FITS:
+      return
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   config: Optional[ml_collections.ConfigDict] = None) -> Optional[Any]:
   """The newest readable state, laid out like `abstract_state` (shapes and shardings), or None.
 
-  Restoring against the abstract state keeps optax's state types and places
-  every array directly with its target sharding, whatever the device count
-  the checkpoint was written with. Damaged checkpoints are set aside.
+  Restoring each array by its path into the abstract state keeps optax's
+  state types and places every array directly with its target sharding,
+  whatever the device count the checkpoint was written with. Damaged
+  checkpoints are set aside; one that is readable but of another tree is a
+  UsageError (check_resumable says so earlier, before anything is written).
   """
+  directory = str(manager.directory)
   for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # Orbax raises many types for damaged files.
-      reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-      _set_aside(manager, step)
-      print(f'Checkpoint at step {step} is damaged ({reason}); set aside, trying the previous one.',
-            flush=True)
+    verdict, reason, saved = _verdict(os.path.join(directory, str(step)), abstract_state)
+    verdict = _agreed(verdict)
+    if verdict == _INCOMPATIBLE:
+      workdir = os.path.dirname(directory)
+      raise _incompatible_error(workdir, step, reason or 'differs on process 0', config)
+    if verdict == _FITS:
+      try:
+        state, ok = _restore(manager, step, saved, abstract_state), 1
+      except Exception as e:  # Orbax raises many types for damaged array files.
+        state, ok, reason = None, 0, _first_line(e)
+      if jax.process_count() > 1:  # Damaged if any process could not read its part.
+        from jax.experimental import multihost_utils
+        ok = int(np.min(multihost_utils.process_allgather(np.int32(ok))))
+      if ok:
+        return state
+    _set_aside(manager, step)
+    print(f'Checkpoint at step {step} is damaged ({reason or "unreadable on another process"}); set '
+          'aside, trying the previous one.', flush=True)
   return None
 
 
@@ -113,27 +316,34 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   manager.reload()
 
 
-def _lookup(tree: dict, dotted: str) -> Any:
-  """The value at `dotted` in a config's JSON form; None where a config.json (e.g. an older one) lacks it."""
-  for key in dotted.split('.'):
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
+def best_step(workdir: str, metric: str, mode: str) -> Optional[int]:
+  """The kept checkpoint step with the best recorded `metric` ('max' or 'min' `mode`), or None.
+
+  Reads the eval metrics that orbax writes beside each checkpoint (when the
+  run has a config.best_metric); checkpoints saved without eval have none.
+  Ties go to the later step. Reads only.
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  values = {}
+  for step in _finished_steps(directory):
+    path = os.path.join(directory, str(step), 'metrics', 'metrics')
+    if os.path.isfile(path):
+      with open(path) as f:
+        metrics = json.load(f)
+      if isinstance(metrics, dict) and metric in metrics:
+        values[step] = float(metrics[metric])
+  if not values:
+    return None
+  sign = 1 if mode == 'max' else -1
+  return max(values, key=lambda step: (sign * values[step], step))
 
 
-def _state_defining(config_json: dict, key: str) -> Any:
-  """`_lookup`, with the model's compute-only fields (COMPUTE_ONLY_MODEL_KEYS) left out of 'model'."""
-  value = _lookup(config_json, key)
-  if key == 'model' and isinstance(value, dict):
-    value = {k: v for k, v in value.items() if k not in COMPUTE_ONLY_MODEL_KEYS}
-  return value
+# --- The workdir: writable, room for checkpoints, and its record of the config. ---
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds at least one finished step directory."""
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return bool(_finished_steps(os.path.join(workdir, 'checkpoints')))
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any = None) -> None:
@@ -141,8 +351,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_stat
 
   A workdir must be writable, have room for two checkpoints of
   `abstract_state` (one being written while the previous is kept), and if it
-  already holds checkpoints they must come from the same model (same
-  MODEL_KEYS in its config.json).
+  already holds checkpoints, the newest readable one must have the tree and
+  shapes of `abstract_state` (check_resumable).
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f'--workdir {workdir} is a file, not a directory; choose another path.')
@@ -162,16 +372,33 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_stat
       raise UsageError(f'--workdir {workdir} has {free / 2**20:,.1f} MiB free, but two checkpoints of '
                        f'this model need {needed / 2**20:,.1f} MiB; free space or choose another '
                        '--workdir.')
+    check_resumable(workdir, config, abstract_state)
 
-  saved_path = os.path.join(workdir, 'config.json')
-  if not (has_checkpoints(workdir) and os.path.exists(saved_path)):
+
+def _write_json(path: str, text: str) -> None:
+  """Writes `text` aside and renames it: a failed write keeps the previous file."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """Keeps `workdir/config.json` the config that the run's checkpoints are trained with (process 0).
+
+  A new run writes it. A run resumed at `step` with other values (a longer
+  schedule, another learning rate, remat, ...) rewrites it and appends
+  `{"step", "time", "changes": {key: [old, new]}}` to config_history.jsonl,
+  so the record says which steps were trained with which values.
+  """
+  saved = saved_config(workdir)
+  changes = config_changes(saved, config) if saved is not None else {}
+  if saved is not None and not changes:
     return
-  with open(saved_path) as f:
-    saved = json.load(f)
-  current = json.loads(config.to_json_best_effort())
-  different = [key for key in MODEL_KEYS if _state_defining(saved, key) != _state_defining(current, key)]
-  if different:
-    details = '; '.join(f'{k}: saved {_state_defining(saved, k)!r}, now {_state_defining(current, k)!r}'
-                        for k in different)
-    raise UsageError(f'--workdir {workdir} holds checkpoints of a different model ({details}). '
-                     'Use a new --workdir, or the config that wrote it.')
+  if changes:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    row = {'step': int(step), 'time': now,
+           'changes': {k: [old, new] for k, (old, new) in changes.items()}}
+    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
+      f.write(json.dumps(row) + '\n')
+  _write_json(os.path.join(workdir, 'config.json'),
+              config.to_json_best_effort(indent=2, sort_keys=True) + '\n')

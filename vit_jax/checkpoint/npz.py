@@ -16,6 +16,12 @@ Two published layouts are read, both flat `np.savez` files with '/'-joined keys:
 
 `save_npz` always writes the first. Arrays are copied unchanged, so export
 then load is bit-exact.
+
+Hybrids (R50+B/16, ...) add the ResNet at the top level, as the original
+release has it: `conv_root`, `gn_root`, `block{i}/unit{j}/{conv1..3, gn1..3,
+conv_proj, gn_proj}`. The release's files keep GroupNorm `scale`/`bias` in the
+pre-Linen shape (1, 1, 1, channels); they are read as Linen's (channels,) and
+written back in the release's shape (`_GROUPNORM_KEY`).
 """
 
 import math
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
 from vit_jax.models.vit import stack_blocks, unstack_blocks
 
@@ -39,6 +46,20 @@ _BIG_VISION_BLOCK = {'LayerNorm_0': 'LayerNorm_0',
                      'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
                      'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
 _BLOCK_KEY = re.compile(r'^Transformer/encoderblock_(\d+)/([^/]+)/(.*)$')
+# GroupNorm parameters of the hybrids' ResNet (see google/flax#1721 for the shape change).
+_GROUPNORM_KEY = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
+
+
+def _groupnorm_to_linen(flat: dict[str, Any]) -> dict[str, Any]:
+  """The release's (1, 1, 1, C) GroupNorm scales and biases -> (C,)."""
+  return {k: np.reshape(v, v.shape[-1:]) if _GROUPNORM_KEY.search(k) and np.ndim(v) == 4
+          and v.shape[:3] == (1, 1, 1) else v for k, v in flat.items()}
+
+
+def _groupnorm_to_release(flat: dict[str, Any]) -> dict[str, Any]:
+  """(C,) GroupNorm scales and biases -> the release's (1, 1, 1, C)."""
+  return {k: np.reshape(v, (1, 1, 1, -1)) if _GROUPNORM_KEY.search(k) and np.ndim(v) == 1 else v
+          for k, v in flat.items()}
 
 
 def flatten_params(params: Params) -> dict[str, np.ndarray]:
@@ -96,16 +117,34 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                      'np.savez, such as the published ViT checkpoints.') from None
 
 
+def _select(flat: dict[str, np.ndarray], key: str, spec: str) -> dict[str, np.ndarray]:
+  """The sub-tree `key` ('img', 'a/b') of flat arrays, with its prefix removed."""
+  prefix = key + '/'
+  selected = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if not selected:
+    tops = sorted({k.split('/')[0] for k in flat})
+    raise UsageError(f'Checkpoint {spec!r} has no sub-tree {key!r}; its top-level keys are '
+                     f'{", ".join(tops[:12])}{", ..." if len(tops) > 12 else ""}.')
+  return selected
+
+
 def load_npz(path: str) -> Params:
   """Parameters for `VisionTransformer` from a published `.npz` file, either layout.
 
+  `path` is a local file, a gs:// / https:// URL or a published name
+  (`vit_jax.checkpoint.published`: downloaded once into the cache), and may
+  end in `.npz:KEY` to take the sub-tree KEY (e.g. `:img` of a two-tower file).
   Returns nested dicts of numpy arrays in the per-block layout (use
   `vit_jax.models.vit.stack_blocks` for a `scan=True` model, or
   `load_for_model`, which also checks every key and shape).
   """
-  flat = _read_npz(path)
+  from vit_jax.checkpoint import published
+  local, key = published.fetch(path)
+  flat = _read_npz(local)
   if flat and all(k.startswith('params/') for k in flat):
     flat = {k[len('params/'):]: v for k, v in flat.items()}
+  if key:
+    flat = _select(flat, key, path)
   # A scanned checkpoint (stacked blocks) is split into per-block arrays first.
   flat = flatten_params(unstack_blocks(unflatten_params(flat)))
   big_vision_children = ('MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_1')
@@ -113,12 +152,13 @@ def load_npz(path: str) -> Params:
       (m := _BLOCK_KEY.match(k)) and m.group(2) in big_vision_children for k in flat)
   if big_vision:
     flat = _from_big_vision(flat)
-  return unflatten_params(flat)
+  return unflatten_params(_groupnorm_to_linen(flat))
 
 
 def save_npz(params: Params, path: str) -> None:
   """Writes `params` (per-block or scanned) to `path` in the original ViT layout."""
   flat = flatten_params(unstack_blocks(jax.device_get(params)))
+  flat = _groupnorm_to_release({k: np.asarray(v) for k, v in flat.items()})
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with open(path, 'wb') as f:  # A file object keeps np.savez from appending '.npz'.
@@ -140,20 +180,26 @@ def _resize_linear(x: np.ndarray, size: int, axis: int) -> np.ndarray:
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: tuple[int, int], num_prefix: int,
-                  new_num_prefix: Optional[int] = None) -> np.ndarray:
-  """Position embeddings (1, num_prefix + h*w, dim) for a new patch grid.
+                  new_num_prefix: Optional[int] = None,
+                  old_grid: Optional[tuple[int, int]] = None) -> np.ndarray:
+  """Position embeddings (1, num_prefix + h*w, dim) for a new (rows, columns) patch grid.
 
-  The grid part is resized bilinearly on its 2-D (square) grid; the class-token
-  entries (the first `num_prefix`) are kept apart and copied, or dropped
-  (`new_num_prefix=0`), or added as zeros (`new_num_prefix=1` from 0).
+  The grid part is resized bilinearly on its 2-D grid, `old_grid` (default:
+  the square its token count makes), to `new_grid`, square or not; the
+  class-token entries (the first `num_prefix`) are kept apart and copied, or
+  dropped (`new_num_prefix=0`), or added as zeros (`new_num_prefix=1` from 0).
   """
   new_num_prefix = num_prefix if new_num_prefix is None else new_num_prefix
   prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
-  side = math.isqrt(grid.shape[1])
-  if side * side != grid.shape[1]:
-    raise UsageError(f'Cannot resize position embeddings of {grid.shape[1]} grid tokens: not a '
-                     'square grid; fine-tune at the pretraining resolution or give a square checkpoint.')
-  grid = grid.reshape(side, side, -1).astype(np.float64)
+  if old_grid is None:
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+      raise UsageError(f'Cannot resize position embeddings of {grid.shape[1]} grid tokens: not a '
+                       'square grid; fine-tune at the pretraining resolution or give a square checkpoint.')
+    old_grid = (side, side)
+  if old_grid[0] * old_grid[1] != grid.shape[1]:
+    raise ValueError(f'old_grid {old_grid} does not hold the {grid.shape[1]} grid tokens of posemb.')
+  grid = grid.reshape(old_grid[0], old_grid[1], -1).astype(np.float64)
   grid = _resize_linear(_resize_linear(grid, new_grid[0], 0), new_grid[1], 1)
   grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(posemb.dtype)
   if new_num_prefix > num_prefix:
@@ -187,10 +233,12 @@ def check_params(params: Params, expected: Params, source: str) -> None:
                    'to the checkpoint.')
 
 
-def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: str) -> Params:
+def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: str,
+                 grid: Optional[tuple[int, int]] = None) -> Params:
   """`loaded` (per-block layout) made to fit `template` (shapes of the target model).
 
-  Position embeddings are resized to the template's (square) grid, the head
+  Position embeddings are resized to the template's patch grid, `grid` (rows,
+  columns; default: the square its token count makes), the head
   is replaced by zeros when `reset_head`, a `pre_logits` layer the template
   lacks is dropped (as the paper does when fine-tuning) and one it has but
   the checkpoint lacks keeps the template's value. Blocks are stacked for a
@@ -202,8 +250,10 @@ def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: 
   key = 'Transformer/posembed_input/pos_embedding'
   if key in flat and key in template_flat and np.shape(flat[key]) != template_flat[key].shape:
     src_prefix, dst_prefix = int('cls' in flat), int('cls' in template_flat)
-    side = math.isqrt(template_flat[key].shape[1] - dst_prefix)
-    flat[key] = resize_posemb(np.asarray(flat[key]), (side, side), src_prefix, dst_prefix)
+    if grid is None:
+      side = math.isqrt(template_flat[key].shape[1] - dst_prefix)
+      grid = (side, side)
+    flat[key] = resize_posemb(np.asarray(flat[key]), tuple(grid), src_prefix, dst_prefix)
   if reset_head:
     for name in [k for k in flat if k.startswith('head/')]:
       del flat[name]
@@ -223,20 +273,29 @@ def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: 
   return stack_blocks(params) if is_scanned else params
 
 
-def load_for_model(path: str, model: nn.Module, image_size: int, reset_head: bool = False) -> Params:
-  """Loads `path` (.npz, or an orbax workdir/checkpoint) as parameters of `model` at `image_size`.
+def load_for_model(path: str, model: nn.Module, image_size, reset_head: bool = False) -> Params:
+  """Loads `path` (.npz, or an orbax workdir/checkpoint) as parameters of `model` at `image_size`
+  (one side or (height, width)).
 
   Resizes position embeddings to the model's patch grid; fails with one
   UsageError naming every key that does not fit.
   """
-  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))  # noqa: E731
+  height, width = image_hw(image_size)
+  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3)))  # noqa: E731
   # A fresh head needs real initial values (a new pre_logits layer); loading needs only shapes.
   template = jax.device_get(jax.jit(init)()) if reset_head else jax.eval_shape(init)
-  return adapt_params(load_pretrained(path), template['params'], reset_head=reset_head, source=path)
+  return adapt_params(load_pretrained(path), template['params'], reset_head=reset_head, source=path,
+                      grid=_token_grid(model, height, width))
+
+
+def _token_grid(model: nn.Module, height: int, width: int) -> Optional[tuple[int, int]]:
+  """The model's patch grid at (height, width), for the posemb resize; None if it cannot say."""
+  token_grid = getattr(model, 'token_grid', None)
+  return token_grid(height, width) if token_grid else None
 
 
 def load_pretrained(path: str) -> Params:
-  """Per-block parameters from a `.npz` file, an orbax workdir or one checkpoint step directory."""
+  """Per-block parameters from a `.npz` (file, URL or published name), an orbax workdir or step directory."""
   if not os.path.isdir(path):
     return load_npz(path)
   import orbax.checkpoint as ocp  # Local: only this branch needs orbax.
@@ -269,8 +328,10 @@ def init_from_pretrained(state: Any, config: ml_collections.ConfigDict) -> Any:
   if not path:
     return state
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  from vit_jax.models import model_from_config  # Local: the model's grid, for the posemb resize.
+  grid = _token_grid(model_from_config(config), *image_hw(config.input.image_size))
   params = adapt_params(load_pretrained(path), template, reset_head=config.init.reset_head,
-                        source=f'config.init.path={path!r}')
+                        source=f'config.init.path={path!r}', grid=grid)
   params = flatten_params(params)
   # pre_logits kept from the fresh init are the state's own placed arrays.
   current = flatten_params(state.params)

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 50  # Full pass over the eval split; also run at the end.
   config.checkpoint_every_steps = 50  # Orbax checkpoint of the train state; also at the end.
   config.keep_checkpoints = 3  # How many of the latest checkpoints to keep.
-  config.best_metric = 'eval/accuracy'  # Also keep the checkpoint best in this eval metric; '' to disable.
+  config.best_metric = 'eval/accuracy'  # Also keep the checkpoint best in this eval metric ('eval/accuracy', 'eval/loss'; with EMA also 'eval_ema/...'), for --step best; '' to disable.
   config.best_mode = 'max'  # Whether the best value of best_metric is the 'max' or the 'min'.
   config.eval_batch_size = 256  # Global eval batch; the last batch is padded and masked.
   config.accumulation_steps = 1  # Micro-batches per step: same update as the full batch, less memory.
@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.test_fraction = 0.1  # Image folder without train/: fraction of each class held out as 'test' (fixed split).
 
   config.input = ml_collections.ConfigDict()
-  config.input.image_size = 8  # Side of the square images fed to the model.
+  # Images fed to the model: one side (square) or (height, width); any type, so that both
+  # --config.input.image_size=384 and --config.input.image_size='(384, 512)' work.
+  config.input.image_size = ml_collections.FieldReference(8, field_type=object)
   config.input.train_crop = 'random_resized'  # 'random_resized' (Inception crop), 'resize' or 'pad_random' (pad then random crop).
   config.input.crop_min_area = 0.08  # Smallest area fraction of an Inception crop.
   config.input.crop_padding = 1  # Pixels of zero padding for 'pad_random'.
@@ -70,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights.
   config.model.stochastic_depth = 0.0  # Drop-path rate of the last block (linear from 0 at the first).
   config.model.dtype = 'float32'  # Computation dtype ('float32' or 'bfloat16'); parameters stay float32.
-  config.model.attention = 'fused'  # 'fused' (jax.nn.dot_product_attention) or 'reference' (explicit softmax).
+  config.model.attention = 'fused'  # 'fused' (per platform: CPU's own backward, cuDNN flash attention on GPU for bfloat16/float16, else XLA), 'xla' (the same, never cuDNN) or 'reference' (explicit softmax, autodiff).
+  config.model.gelu = 'tanh'  # 'tanh' (flax nn.gelu, as the published ViT checkpoints were trained) or 'exact' (erf, as timm/PyTorch).
   config.model.num_registers = 0  # Learned register tokens after the class token (Darcet et al. 2023); 0 for none.
   config.model.qk_norm = False  # LayerNorm on queries and keys per head before the dot product (ViT-22B).
   config.model.layerscale = ml_collections.FieldReference(None, field_type=float)  # Initial LayerScale of residual branches (e.g. 1e-4); None for none.
@@ -80,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Fine-tuning: start from pretrained parameters instead of a random init (only
   # when the workdir has no checkpoint yet; a later run resumes as usual).
   config.init = ml_collections.ConfigDict()
-  config.init.path = ''  # '' (random init), a published-layout .npz, or an orbax workdir / checkpoint step directory.
+  config.init.path = ''  # '' (random init); a .npz path, URL or published name (imagenet21k/ViT-B_16, augreg:B/16: docs/transfer.md); or an orbax workdir / step dir.
   config.init.reset_head = True  # Zero `head` for config.dataset.num_classes; False loads it (shapes must match).
 
   config.optimizer = ml_collections.ConfigDict()
@@ -95,6 +98,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # SGD momentum.
   config.optimizer.grad_clip_norm = 1.0  # Clip gradients to this global norm; 0 disables.
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
+  config.optimizer.freeze = ''  # Regex searched in parameter paths ('Transformer/encoderblock_0/...', 'head/kernel'): matches are frozen, with no optimizer state. '^(?!head/)' = linear probe; '' trains all.
+
+  # Exponential moving average (Polyak averaging) of the parameters, kept in
+  # the train state and checkpointed; evaluated as eval_ema/... beside eval/...
+  config.ema = ml_collections.ConfigDict()
+  config.ema.decay = 0.0  # ema = decay * ema + (1 - decay) * params after every step, e.g. 0.9999; 0 disables EMA.
+  config.ema.warmup = False  # Use min(decay, (1 + step) / (10 + step)): early averages forget the random init fast.
+
+  # Few-shot linear evaluation during training (vit_jax/training/fewshot.py):
+  # a closed-form ridge classifier on frozen pre-logits, written as
+  # fewshot/<name>/<k>shot (mean accuracy over the seeds).
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.every_steps = 0  # Run every this many steps and at the end; 0 disables.
+  config.fewshot.datasets = ml_collections.ConfigDict()  # name -> (tfds name or image folder, train split, test split), e.g. {'digits': ('sklearn_digits', 'train', 'test')}.
+  config.fewshot.shots = (1, 5, 10, 25)  # Training examples per class.
+  config.fewshot.seeds = 3  # Random draws of the shots, averaged.
+  config.fewshot.l2_reg = 2.0**10  # Ridge penalty on the standardised features (big_vision's default).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Devices on the data-parallel axis; -1 means all the others.

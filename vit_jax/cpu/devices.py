@@ -10,7 +10,7 @@ runs the step on `batch / n` images and the programs fill each other's idle
 cores. Results equal the one-device results up to float rounding (the
 gradient mean is summed in a different order).
 
-Measured on 2 cores (README, Performance): 2 devices train ViT-Ti/16 faster
+Measured on 2 cores (docs/performance.md): 2 devices train ViT-Ti/16 faster
 than one (against timm at batch 8: 0.95-0.98x on one device, 1.03-1.16x on
 two); B/16, whose products already fill both cores, gains nothing, and 4
 devices are slower.

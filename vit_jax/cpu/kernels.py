@@ -1,11 +1,12 @@
-"""Backward passes written out for XLA:CPU: the same values and gradients, faster on CPU.
+"""Backward passes written out for XLA:CPU: the same gradients, faster on CPU.
 
 These are speed code for one platform, kept apart from the model's math
-(vit_jax/models/layers.py), which calls them only when lowering for CPU.
-Each rule's gradients equal autodiff's up to float rounding (tests/test_models.py).
+(vit_jax/models/layers.py). The model's custom VJPs call them in the CPU
+branch of `lax.platform_dependent`, so only a program lowered for CPU holds
+them (tests/test_accelerators.py checks a GPU/TPU export has none of this
+file's code). Each rule's gradients equal autodiff's up to float rounding
+(tests/test_models.py).
 """
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,33 +14,24 @@ import numpy as np
 
 Array = jax.Array
 
+# The name scope of every op these rules emit: it shows in profiles and in the
+# lowered program's locations (what tests/test_accelerators.py looks for).
+SCOPE = 'vit_jax_cpu_kernels'
 
-def with_cpu_attention_backward(forward: Callable) -> Callable:
-  """`forward(q, k, v) -> (out, weights)` as `f(q, k, v) -> out` with `attention_backward` as its VJP.
+
+@jax.named_scope(SCOPE)
+def attention_backward(residuals, d_out):
+  """Gradients (d_q, d_k, d_v) of head-major attention from its residuals (q, k, v, weights, out).
 
   Operands are (batch, heads, tokens, head_dim). Autodiff's backward
   contracts two of its four products over the query axis of row-major
   operands (dK = dS^T Q, dV = P^T dO), which XLA:CPU hands to a slow Eigen
-  path; `attention_backward` transposes dS and P once into fresh arrays (an
+  path; this rule transposes dS and P once into fresh arrays (an
   optimisation barrier keeps XLA from folding the transposes back into the
   products), so every product is a plain matmul. The softmax's row sums come
   from dO . O (head_dim wide) instead of dP . P (tokens wide), as flash
   attention computes them. Ti/16 forward + backward: 1.03-1.04x (docs/performance.md).
   """
-
-  @jax.custom_vjp
-  def attention_output(q: Array, k: Array, v: Array) -> Array:
-    return forward(q, k, v)[0]
-
-  def attention_output_fwd(q, k, v):
-    out, weights = forward(q, k, v)
-    return out, (q, k, v, weights, out)
-
-  attention_output.defvjp(attention_output_fwd, attention_backward)
-  return attention_output
-
-
-def attention_backward(residuals, d_out):
   q, k, v, weights, out = residuals
   scale = 1.0 / np.sqrt(q.shape[-1])
   d_weights = jnp.einsum('bhqd,bhkd->bhqk', d_out, v).astype(jnp.float32)
@@ -53,48 +45,25 @@ def attention_backward(residuals, d_out):
   return d_q, d_k, d_v
 
 
-@jax.custom_vjp
-def _matmul(x: Array, w: Array) -> Array:
-  return x @ w
+@jax.named_scope(SCOPE)
+def dense_backward(lhs: Array, rhs: Array, g: Array, num_contract: int) -> tuple[Array, Array]:
+  """Gradients (d_lhs, d_rhs) of a Dense/DenseGeneral product, with the weight gradient written for XLA:CPU.
 
-
-def _matmul_fwd(x, w):
-  return x @ w, (x, w)
-
-
-def _matmul_bwd(residuals, g):
-  x, w = residuals
-  # The weight gradient contracts the row axis of x and g, so XLA:CPU copies one of them
-  # transposed first; it picks x even when x is the wider one (the MLP's second layer:
-  # [tokens, 3072] against [tokens, 768] in B/16). Transpose the narrower one instead; the
-  # barrier keeps XLA from folding the transpose back into the product.
-  if x.shape[1] > g.shape[1]:
-    d_w = (jax.lax.optimization_barrier(g.T) @ x).T
-  else:
-    d_w = jax.lax.optimization_barrier(x.T) @ g
-  return g @ w.T, d_w
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> Array:
-  """`lax.dot_general` for flax's Dense/DenseGeneral, with the weight gradient written for XLA:CPU.
-
-  Takes the contraction those layers make (trailing axes of the inputs with
-  leading axes of the kernel, no batch axes) as one 2-D product through
-  `_matmul`; anything else, or a `precision` / `preferred_element_type`, goes
-  to `lax.dot_general` unchanged. Same values and gradients up to float
-  rounding; Ti/16 and B/16 forward + backward 1.01-1.05x on CPU (docs/performance.md).
+  The product contracts the trailing `num_contract` axes of `lhs` with the
+  leading ones of `rhs` (no batch axes), the contraction of flax's layers;
+  `g` is the gradient of its output. Both gradients are 2-D products. The
+  weight gradient contracts the row axis of x and g, so XLA:CPU copies one of
+  them transposed first; it picks x even when x is the wider one (the MLP's
+  second layer: [tokens, 3072] against [tokens, 768] in B/16). This rule
+  transposes the narrower one instead; the barrier keeps XLA from folding the
+  transpose back into the product. Ti/16 and B/16 forward + backward
+  1.01-1.05x on CPU (docs/performance.md).
   """
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  n = len(lhs_contract)
-  plain = (tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
-           and tuple(rhs_contract) == tuple(range(n)) and not lhs_batch and not rhs_batch)
-  if not plain or precision is not None or preferred_element_type is not None:
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  inner = int(np.prod(rhs.shape[:n]))
-  out = _matmul(lhs.reshape(-1, inner), rhs.reshape(inner, -1))
-  return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
+  inner = int(np.prod(rhs.shape[:num_contract]))
+  x, w = lhs.reshape(-1, inner), rhs.reshape(inner, -1)
+  g2 = g.reshape(x.shape[0], w.shape[1])
+  if x.shape[1] > g2.shape[1]:
+    d_w = (jax.lax.optimization_barrier(g2.T) @ x).T
+  else:
+    d_w = jax.lax.optimization_barrier(x.T) @ g2
+  return (g2 @ w.T).reshape(lhs.shape), d_w.reshape(rhs.shape)

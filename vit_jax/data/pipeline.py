@@ -18,11 +18,14 @@ with copies of record 0 whose `mask` is 0.
 This module knows nothing of devices; it only needs the process index/count.
 """
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -65,9 +68,12 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
     image_folder.index_folder(dataset.folder, dataset.test_fraction)
     return None
   if name in SHIPPED_BUILDERS:
-    builder = SHIPPED_BUILDERS[name](data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared() and prepare:
-      builder.download_and_prepare()
+    with quiet_tfds():
+      builder = SHIPPED_BUILDERS[name](data_dir=data_dir, file_format='array_record')
+      if not builder.is_prepared() and prepare:
+        print(f'Preparing the bundled {name!r} dataset in {builder.data_dir} (once, seconds).', flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds' "Downloading and preparing ..." banners.
+          builder.download_and_prepare()
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -92,6 +98,22 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
         "but vit_jax reads by random access from array_record. Convert it once with "
         f"`tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record`.")
   return builder
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """No tfds progress bars, and only its errors logged, while a shipped dataset is found or prepared.
+
+  Our own line says what is being prepared; tfds' warnings here are about the
+  folder it is writing ("Variant folder ... has no dataset_info.json").
+  """
+  tfds.disable_progress_bar()
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _prepare_from_manual_dir(name: str, data_dir: str | None, manual_dir: str) -> None:
@@ -135,6 +157,26 @@ def open_split(dataset: ml_collections.ConfigDict, split: str) -> Split:
   if len(source) == 0:
     raise UsageError(f'Split {split!r} of dataset {dataset.name!r} is empty.')
   return Split(source, dataset.num_classes, getattr(label, 'names', None))
+
+
+def class_names(dataset: ml_collections.ConfigDict) -> list[str] | None:
+  """The dataset's class names without reading its examples (None if it names none).
+
+  An image folder's are its class sub-folders (a listing: no image is
+  decoded, unlike `open_split`); a tfds dataset's come from its metadata.
+  """
+  if dataset.name == IMAGE_FOLDER:
+    if not dataset.folder or not os.path.isdir(dataset.folder):
+      raise UsageError(f'Image folder {dataset.folder!r} does not exist.')
+    names = image_folder.class_names(dataset.folder)
+  else:
+    features = get_builder(dataset, prepare=False).info.features
+    if dataset.label_key not in features:
+      raise UsageError(f'Dataset {dataset.name!r} has no feature {dataset.label_key!r}.')
+    names = getattr(features[dataset.label_key], 'names', None)
+  if names:
+    _check_num_classes(dataset, len(names))
+  return list(names) if names else None
 
 
 def _check_num_classes(dataset: ml_collections.ConfigDict, num_classes: int) -> None:

@@ -7,6 +7,10 @@ example's position in the global stream, never on the device layout.
 
 import tensorflow as tf
 
+from vit_jax.config.sizes import image_hw
+
+# `size` below is one side (a square) or (height, width), as `config.input.image_size`.
+
 
 def decode(encoded: tf.Tensor, channels: int = 3) -> tf.Tensor:
   """Decodes PNG/JPEG/GIF/BMP bytes to uint8 (height, width, channels)."""
@@ -15,9 +19,15 @@ def decode(encoded: tf.Tensor, channels: int = 3) -> tf.Tensor:
   return image
 
 
-def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int, min_area: float = 0.08,
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size, min_area: float = 0.08,
                         aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-  """Inception-style crop: a random box of 'min_area'..100% area, resized to size x size."""
+  """Inception-style crop: a random box of 'min_area'..100% area, resized to `size`.
+
+  `aspect_ratio` (width / height) is relative to the target's, so that a
+  non-square target gets boxes of about its own shape.
+  """
+  height, width = image_hw(size)
+  aspect_ratio = (aspect_ratio[0] * width / height, aspect_ratio[1] * width / height)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
       area_range=(min_area, 1.0), aspect_ratio_range=aspect_ratio,
@@ -26,31 +36,35 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int, min_area: 
   return resize(image, size)
 
 
-def pad_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int, padding: int) -> tf.Tensor:
-  """Resizes to size x size, zero-pads by `padding`, takes a random size x size crop."""
+def pad_random_crop(image: tf.Tensor, seed: tf.Tensor, size, padding: int) -> tf.Tensor:
+  """Resizes to `size`, zero-pads by `padding`, takes a random crop of `size`."""
+  height, width = image_hw(size)
   image = resize(image, size)
   image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-  return tf.image.stateless_random_crop(image, [size, size, tf.shape(image)[-1]], seed=seed)
+  return tf.image.stateless_random_crop(image, [height, width, tf.shape(image)[-1]], seed=seed)
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear resize to size x size (no-op when already that size); returns float32."""
+def resize(image: tf.Tensor, size) -> tf.Tensor:
+  """Bilinear resize to `size` (no-op when already that size); returns float32."""
+  height, width = image_hw(size)
   image = tf.cast(image, tf.float32)
   shape = tf.shape(image)
-  same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+  same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
   return tf.cond(same, lambda: image,
-                 lambda: tf.image.resize(image, [size, size], method='bilinear', antialias=True))
+                 lambda: tf.image.resize(image, [height, width], method='bilinear', antialias=True))
 
 
-def central_crop(image: tf.Tensor, size: int, crop_fraction: float = 1.0) -> tf.Tensor:
-  """Resizes the short side to size / crop_fraction, then takes the central size x size."""
+def central_crop(image: tf.Tensor, size, crop_fraction: float = 1.0) -> tf.Tensor:
+  """Resizes (keeping the aspect ratio) to just cover `size` / crop_fraction, then takes the
+  central `size`: for a square, the short side becomes size / crop_fraction."""
+  height, width = image_hw(size)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (size / crop_fraction) / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+  scale = tf.maximum(height / crop_fraction / shape[0], width / crop_fraction / shape[1])
+  new_shape = tf.maximum(tf.cast(tf.math.ceil(shape * scale), tf.int32), [height, width])
   image = tf.image.resize(tf.cast(image, tf.float32), new_shape, method='bilinear', antialias=True)
-  top = (new_shape[0] - size) // 2
-  left = (new_shape[1] - size) // 2
-  return tf.image.crop_to_bounding_box(image, top, left, size, size)
+  top = (new_shape[0] - height) // 2
+  left = (new_shape[1] - width) // 2
+  return tf.image.crop_to_bounding_box(image, top, left, height, width)
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

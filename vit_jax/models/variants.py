@@ -4,10 +4,15 @@ A variant is written `SIZE/PATCH`, e.g. "B/16": the size row below with a
 patch size of 16 pixels. Sizes are those of Table 1 of Dosovitskiy et al.
 (Ti and S from DeiT / "How to train your ViT"; g and G from Table 2 of
 "Scaling Vision Transformers", Zhai et al. 2021), plus `tiny` for tests.
+
+Hybrids (Section 3.1 of the paper) are named as the original release names
+them, `R50+B/16`: a ResNet-v2 (`vit_jax.models.resnet`) whose feature map the
+ViT of that size cuts into patches; see `HYBRIDS`.
 """
 
-from typing import Any
+from typing import Any, Optional
 
+from vit_jax.config.sizes import image_hw
 from vit_jax.models.vit import VisionTransformer, remat_policy
 
 # size: (hidden_size, num_layers, mlp_dim, num_heads)
@@ -23,12 +28,36 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def parse_variant(variant: str) -> dict[str, int]:
-  """'B/16' -> dict(hidden_size=768, num_layers=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+# Hybrids, as in the release's configs: name -> (size, units per ResNet stage,
+# patch size on the ResNet's feature map, root width). The root alone has
+# stride 4 and every stage after the first halves the resolution, so R26 (4
+# stages) and R50+L (3, 4, 6, 3) have stride 32 and R50+B's three stages (3, 4,
+# 9) stride 16; their patches are 1x1. R+Ti/16 cuts the root's /4 map into
+# 8x8 patches: stride 32, a 7x7 grid at 224 px, whatever its name says.
+HYBRIDS: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+    'Rtiny+tiny/8': ('tiny', (1, 1), 1, 32),  # For tests: two one-unit stages, stride 8.
+    'R+Ti/16': ('Ti', (), 8, 64),
+    'R26+S/32': ('S', (2, 2, 2, 2), 1, 64),
+    'R26+B/32': ('B', (2, 2, 2, 2), 1, 64),
+    'R50+B/16': ('B', (3, 4, 9), 1, 64),
+    'R50+L/32': ('L', (3, 4, 6, 3), 1, 64),
+}
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+  """'B/16' -> dict(hidden_size=768, num_layers=12, mlp_dim=3072, num_heads=12, patch_size=16).
+
+  Hybrids (`HYBRIDS`) add `resnet_stages` and `resnet_width`, and their
+  `patch_size` is on the ResNet's feature map (1 for 'R50+B/16').
+  """
+  if variant in HYBRIDS:
+    size, stages, patch, width = HYBRIDS[variant]
+    return {**parse_variant(f'{size}/{patch}'), 'resnet_stages': stages, 'resnet_width': width}
   size, sep, patch = variant.partition('/')
   if not sep or size not in SIZES or not patch.isdigit() or int(patch) < 1:
     raise ValueError(f'Unknown model variant {variant!r}: write SIZE/PATCH with SIZE one of '
-                     f'{", ".join(SIZES)} and PATCH a positive integer, e.g. "B/16".')
+                     f'{", ".join(SIZES)} and PATCH a positive integer, e.g. "B/16", or a hybrid, '
+                     f'one of {", ".join(HYBRIDS)}.')
   hidden_size, num_layers, mlp_dim, num_heads = SIZES[size]
   return dict(hidden_size=hidden_size, num_layers=num_layers, mlp_dim=mlp_dim,
               num_heads=num_heads, patch_size=int(patch))
@@ -62,14 +91,22 @@ def model_from_config(config) -> VisionTransformer:
     fields = parse_variant(m.variant)
   except ValueError as e:
     raise UsageError(f'config.model.variant: {e}') from None
-  size = config.input.image_size
-  if size % fields['patch_size']:
-    raise UsageError(f'config.input.image_size={size} is not divisible by the patch size '
-                     f'{fields["patch_size"]} of {m.variant!r}; use a multiple of {fields["patch_size"]}.')
+  try:
+    height, width = image_hw(config.input.image_size)
+  except ValueError as e:
+    raise UsageError(f'config.input.image_size: {e}') from None
+  # Pixels per token: the patch size, times the ResNet's stride for a hybrid.
+  cell = VisionTransformer(num_classes=1, **fields).pixels_per_token
+  if height % cell or width % cell:
+    what = (f'the patch size {cell}' if cell == fields['patch_size'] else f'the {cell} pixels per '
+            f'patch (ResNet stride {cell // fields["patch_size"]} x patch size {fields["patch_size"]})')
+    raise UsageError(f'config.input.image_size={config.input.image_size} is not divisible by {what} '
+                     f'of {m.variant!r} on each side ({height}x{width}); use a height and width '
+                     f'that are multiples of {cell}.')
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     raise UsageError(f"config.model.dtype={m.dtype!r}; use 'float32', 'bfloat16' or 'float16'.")
   checks = {'pool': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d', 'none'),
-            'attention': ('fused', 'reference')}
+            'attention': ('fused', 'xla', 'reference'), 'gelu': ('tanh', 'exact')}
   for key, valid in checks.items():
     if m[key] not in valid:
       raise UsageError(f'config.model.{key}={m[key]!r}; use one of {", ".join(valid)}.')
@@ -85,8 +122,26 @@ def model_from_config(config) -> VisionTransformer:
       representation_size=m.representation_size, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
       dtype=jnp.dtype(m.dtype), attention=m.attention, num_registers=m.num_registers,
-      qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan)
+      qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan, gelu=m.gelu)
   if model.hidden_size % model.num_heads:
     raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
                      f'{model.num_heads}; change config.model.hidden_size or num_heads.')
   return model
+
+
+def attention_implementation(config, platform: Optional[str] = None) -> str:
+  """One line for the startup log: what computes the encoder's attention on `platform`.
+
+  `platform` is 'cpu', 'gpu' or 'tpu' (default: `jax.default_backend()`, where
+  the run executes). Describes what `MultiHeadDotProductAttention` lowers to
+  there for this config's dtype and head size, e.g. cuDNN flash attention for
+  a bfloat16 B/16 on GPU, and why XLA's runs where cuDNN cannot.
+  """
+  import jax  # Local, as above.
+  from vit_jax.models.layers import describe_attention
+
+  model = model_from_config(config)
+  platform = platform or jax.default_backend()
+  head_dim = model.hidden_size // model.num_heads
+  return f'attention on {platform}: ' + describe_attention(platform, config.model.attention,
+                                                           config.model.dtype, head_dim)

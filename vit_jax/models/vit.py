@@ -23,6 +23,7 @@ import numpy as np
 from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
                                    MultiHeadDotProductAttention, drop_path, reference_attention,
                                    sincos_2d_posemb)
+from vit_jax.models.resnet import resnet_features, resnet_stride
 
 __all__ = ['REMAT_POLICIES', 'Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
            'remat_policy', 'sincos_2d_posemb', 'stack_blocks', 'unstack_blocks']
@@ -79,6 +80,7 @@ class Encoder1DBlock(nn.Module):
   attention: str = 'fused'
   qk_norm: bool = False
   layerscale: Optional[float] = None
+  gelu: str = 'tanh'  # 'tanh' (the published models) or 'exact' (timm): see layers.GELUS.
 
   @nn.compact
   def __call__(self, x: Array, drop_path_rate=0.0, train: bool = False, return_weights: bool = False):
@@ -98,7 +100,7 @@ class Encoder1DBlock(nn.Module):
     x = x + residual(y, 'attention')
 
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(y, train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu, name='MlpBlock_3')(y, train=train)
     x = x + residual(y, 'mlp')
     return x, {'block': x, 'attention': weights}
 
@@ -121,6 +123,7 @@ class Encoder(nn.Module):
   layerscale: Optional[float] = None
   remat: Union[bool, str] = False  # See `remat_policy`.
   scan: bool = False
+  gelu: str = 'tanh'
 
   @nn.compact
   def __call__(self, x: Array, registers: Optional[Array] = None, *, train: bool,
@@ -149,7 +152,8 @@ class Encoder(nn.Module):
     options = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                    attention_dropout_rate=self.attention_dropout_rate,
                    use_drop_path=self.stochastic_depth > 0, dtype=self.dtype,
-                   attention=self.attention, qk_norm=self.qk_norm, layerscale=self.layerscale)
+                   attention=self.attention, qk_norm=self.qk_norm, layerscale=self.layerscale,
+                   gelu=self.gelu)
     # Stochastic depth grows linearly with depth, from 0 to `stochastic_depth`.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
     if self.scan:
@@ -180,6 +184,10 @@ class VisionTransformer(nn.Module):
   attention over the encoded tokens. Tokens are ordered
   [class token (pool 'token'), registers, patches in row-major order];
   `num_prefix_tokens` says how many come before the patches.
+
+  With `resnet_stages` set, a hybrid (Section 3.1 of the paper): the images go
+  through the ResNet of `vit_jax.models.resnet` first and `embedding` cuts its
+  feature map into `patch_size` patches; `token_grid` gives the patch grid.
   """
 
   num_classes: int
@@ -201,23 +209,48 @@ class VisionTransformer(nn.Module):
   layerscale: Optional[float] = None  # Initial LayerScale value; None: no LayerScale.
   remat: Union[bool, str] = False  # False, True or a policy name: see `remat_policy`.
   scan: bool = False
+  gelu: str = 'tanh'  # 'tanh' (flax nn.gelu, as the published checkpoints) or 'exact' (erf, as timm).
+  # Hybrids: units per ResNet stage (() = the root alone); None: a plain ViT.
+  # `patch_size` is then in pixels of the ResNet's feature map.
+  resnet_stages: Optional[tuple[int, ...]] = None
+  resnet_width: int = 64  # Root channels (64 x the release's width factor).
 
   @property
   def num_prefix_tokens(self) -> int:
     """Tokens in front of the patch tokens: the class token (pool 'token') and the registers."""
     return int(self.pool == 'token') + self.num_registers
 
+  @property
+  def pixels_per_token(self) -> int:
+    """Side in input pixels of one token's cell: the patch size times the ResNet's stride."""
+    if self.resnet_stages is None:
+      return self.patch_size
+    return self.patch_size * resnet_stride(len(self.resnet_stages))
+
+  def token_grid(self, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of patch tokens for (height, width) images; raises ValueError if a side
+    is not a multiple of `pixels_per_token`."""
+    p = self.pixels_per_token
+    if height % p or width % p:
+      what = (f'the patch size {p}' if self.resnet_stages is None else
+              f'{p} (the ResNet stride {p // self.patch_size} x the patch size {self.patch_size})')
+      raise ValueError(f'Image size {height}x{width} is not divisible by {what}; '
+                       f'choose a height and width that are multiples of {p}.')
+    return height // p, width // p
+
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, return_attention: bool = False):
     _, height, width, _ = images.shape
+    self.token_grid(height, width)  # Checks the size.
     p = self.patch_size
-    if height % p or width % p:
-      raise ValueError(f'Image size {height}x{width} is not divisible by the patch size {p}; '
-                       'choose an image size that is a multiple of the patch size.')
     if self.pool not in POOLS:
       raise ValueError(f"Unknown pool {self.pool!r}; use one of {', '.join(POOLS)}.")
+    x = images.astype(self.dtype)
+    if self.resnet_stages is not None:
+      # Hybrid: the patches are cells of the ResNet's feature map.
+      x = resnet_features(x, self.resnet_stages, self.resnet_width, self.dtype)
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                dtype=self.dtype, name='embedding')(images.astype(self.dtype))
+                dtype=self.dtype, name='embedding')(x)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)  # (batch, patches, dim)
 
@@ -237,7 +270,7 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=self.dtype, attention=self.attention,
         qk_norm=self.qk_norm, layerscale=self.layerscale, remat=self.remat, scan=self.scan,
-        name='Transformer')(x, registers, train=train, return_weights=return_attention)
+        gelu=self.gelu, name='Transformer')(x, registers, train=train, return_weights=return_attention)
     out['encoded'] = x  # (batch, tokens, dim)
 
     if self.pool == 'token':
@@ -246,7 +279,7 @@ class VisionTransformer(nn.Module):
       x = x[:, self.num_prefix_tokens:].mean(axis=1)  # Patches only: registers are not pooled.
     else:
       x, weights = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                           attention=self.attention, name='MAPHead_0')(
+                           attention=self.attention, gelu=self.gelu, name='MAPHead_0')(
                                x, train=train, return_weights=return_attention)
       if return_attention:
         out['map_attention'] = weights

@@ -56,7 +56,8 @@ def model_size(config) -> tuple[Optional[int], Optional[float]]:
   except UsageError:
     return None, None
   size = config.input.image_size
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))['params']
+  from vit_jax.config.sizes import image_hw
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_hw(size), 3))))['params']
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   return count, summary.flops_per_image(model, size) / 1e9
 

@@ -1,4 +1,4 @@
-"""Ablation sweeps: `python -m vit_jax.sweeps.sweep experiments/NAME.py --workdir DIR`.
+"""Ablation sweeps: `vit-jax sweep experiments/NAME.py --workdir DIR`.
 
 A sweep file is plain Python with these module-level names:
 
@@ -34,7 +34,6 @@ results.md and PNGs, see vit_jax/sweep_report.py) is written into DIR.
 import argparse
 import concurrent.futures
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -49,6 +48,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import ml_collections
 
+from vit_jax.config import files
 from vit_jax.errors import UsageError
 
 DONE_FILE = 'sweep_done.json'  # Written into a trial's workdir once it has finished.
@@ -102,16 +102,14 @@ def trial_name(point: dict[str, Any], seed: int) -> str:
 
 def load_config(base_config: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file (`path` or `path:argument`, as the launcher takes), locked."""
-  path, _, argument = base_config.partition(':')
+  path, _ = files.split_argument(base_config)
   if not os.path.isfile(path):
     raise UsageError(f'BASE_CONFIG {base_config!r}: no such file (paths are relative to the repo '
                      f'root, where the sweep runs; cwd is {os.getcwd()}).')
-  spec = importlib.util.spec_from_file_location('sweep_base_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(argument) if argument else module.get_config()
-  config.lock()
-  return config
+  try:
+    return files.load_config(base_config)
+  except UsageError as e:
+    raise UsageError(f'BASE_CONFIG: {e}') from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -120,6 +118,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     if value is None:
       raise UsageError(f'config.{key}=None: the launcher cannot take None on its command line; give '
                        'the value explicitly (e.g. the hidden size the variant would use).')
+    unknown = files.unknown_key(config, key)
+    if unknown:  # One short line, not the whole config that ml_collections' KeyError holds.
+      raise UsageError(f'config.{key}={value!r} does not fit the config: {unknown}.')
     *parents, leaf = key.split('.')
     node = config
     try:
@@ -135,7 +136,13 @@ def load_sweep(path: str) -> Sweep:
   """Reads and checks a sweep file; every trial's overrides are tried on the base config."""
   if not os.path.isfile(path):
     raise UsageError(f'No sweep file {path!r}; pass one of experiments/*.py.')
-  names = {k: v for k, v in runpy.run_path(path).items() if k.isupper()}
+  try:
+    names = {k: v for k, v in runpy.run_path(path).items() if k.isupper()}
+  except SyntaxError as e:
+    raise UsageError(f'Sweep file {path!r} does not parse: {e.msg} (line {e.lineno}).') from None
+  except Exception as e:  # Its imports or top-level code.
+    raise UsageError(f'Sweep file {path!r} does not run: {type(e).__name__}: '
+                     f'{" ".join(str(e).split())[:300]}.') from None
   unknown = set(names) - SWEEP_NAMES
   if unknown:
     raise UsageError(f'{path}: unknown names {sorted(unknown)}; a sweep file sets '

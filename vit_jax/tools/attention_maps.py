@@ -85,7 +85,9 @@ def attention_maps(intermediates: dict[str, Any], model: Any, image_shape: tuple
   """
   attention = intermediates['attention']
   height, width = image_shape
-  p = model.patch_size
+  # Pixels per token: the patch size, times the ResNet's stride for a hybrid (its
+  # tokens are cells of the ResNet's feature map).
+  p = getattr(model, 'pixels_per_token', model.patch_size)
   grid = (height // p, width // p)
   prefix = num_prefix_tokens(model)
   tokens = np.asarray(attention[-1]).shape[-1]

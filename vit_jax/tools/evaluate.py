@@ -1,7 +1,12 @@
 """An evaluation report of a trained run on the whole eval split.
 
-  python -m vit_jax.tools.evaluate --workdir DIR [--out_dir DIR/eval] [--num_confused 16]
-  python -m vit_jax.tools.evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
+  vit-jax evaluate --workdir DIR [--out_dir DIR/eval] [--num_confused 16]
+  vit-jax evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
+  vit-jax evaluate --checkpoint NAME_OR_URL --config configs/X.py --out_dir OUT   (eval-only mode)
+
+Eval-only mode evaluates a published checkpoint (`imagenet21k+imagenet2012/ViT-B_16`,
+`augreg:B/16->imagenet2012`, a URL; docs/transfer.md) without a training workdir: the
+config file gives the model and the dataset, the dataset's metadata the class names.
 
 Writes into the output folder:
   report.json           accuracy, top-5 accuracy, per-class accuracy, the most
@@ -173,7 +178,8 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
     raise UsageError(f'--num_confused={num_confused} must be zero or more.')
   predictions = collect_predictions(run)
   report = summarize(predictions, run.class_names, num_confused)
-  report.update(step=run.step, dataset=run.config.dataset.name, split=run.config.dataset.eval_split)
+  report.update(step=run.step, ema=run.ema, dataset=run.config.dataset.name,
+                split=run.config.dataset.eval_split)
   os.makedirs(out_dir, exist_ok=True)
   matrix = report.pop('confusion_matrix')  # (classes, classes): an array file, not JSON, for 1000 classes.
   np.save(os.path.join(out_dir, 'confusion_matrix.npy'), matrix)
@@ -192,10 +198,16 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
   flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.tools.export).')
-  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the .npz).')
+  flags.DEFINE_string('checkpoint', None, 'Parameters: a .npz from vit-jax export, a gs:// or '
+                      'https:// URL, or a published name such as augreg:B/16->imagenet2012.')
+  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the .npz; '
+                      'a configs/*.py for a published checkpoint).')
   flags.DEFINE_string('out_dir', None, 'Where to write the report (default: WORKDIR/eval).')
   flags.DEFINE_integer('num_confused', 16, 'How many confused pairs and mistakes to report and show.')
+  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
+                    '(a run trained with config.ema.decay > 0).')
+  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
+                      "checkpoint best in the run's config.best_metric) or a step number.")
 
 
 def main(argv):
@@ -208,12 +220,15 @@ def main(argv):
     out_dir: Optional[str] = f.out_dir or (os.path.join(f.workdir, 'eval') if f.workdir else None)
     if out_dir is None:
       raise UsageError('With --checkpoint, name the output folder with --out_dir.')
-    report = evaluate_run(run_from_flags(f.workdir, f.checkpoint, f.config), out_dir, f.num_confused)
+    run = run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step)
+    report = evaluate_run(run, out_dir, f.num_confused)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   top = next(key for key in report if key.startswith('top') and key.endswith('_accuracy'))
   correct = round(report['accuracy'] * report['num_examples'])
-  print(f"{report['dataset']} {report['split']} at step {report['step']}: accuracy {report['accuracy']:.2%} "
+  ema = ' (EMA)' if report['ema'] else ''
+  at = f" at step {report['step']}" if report['step'] is not None else f' of {f.checkpoint}'  # Eval-only: no step.
+  print(f"{report['dataset']} {report['split']}{at}{ema}: accuracy {report['accuracy']:.2%} "
         f"({correct} of {report['num_examples']}) | {top.split('_')[0]} {report[top]:.2%} | "
         f'report in {out_dir}/', flush=True)

@@ -12,15 +12,14 @@ import os
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
+from vit_jax.config import files
 from vit_jax.errors import UsageError
 
 
 def define_flags() -> None:
   """The command's flags; defined when the command runs, so importing this module adds none."""
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file (e.g. configs/vit_b16.py).',
-                                  lock_config=True)
+  files.define_config_flag('Config: a configs/*.py file (e.g. configs/vit_b16.py) or a workdir config.json.')
   flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices (default: the real ones).')
   flags.DEFINE_bool('json', False, 'Also print the figures as one JSON line.')
   flags.mark_flags_as_required(['config'])
@@ -31,7 +30,7 @@ def simulate_devices(argv: list[str]) -> None:
   for i, arg in enumerate(argv):
     count = arg.split('=', 1)[1] if arg.startswith('--devices=') else (
         argv[i + 1] if arg == '--devices' and i + 1 < len(argv) else None)
-    if count:
+    if count and count.isdigit() and int(count) > 0:  # Else the flag's parser reports it.
       os.environ['JAX_PLATFORMS'] = 'cpu'
       os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                  f' --xla_force_host_platform_device_count={count}').strip()
@@ -42,14 +41,15 @@ def compile_step(config, mesh) -> tuple[Any, Any]:
   import jax
   import jax.numpy as jnp
 
-  from vit_jax.training import loop, sharding
+  from vit_jax.training import setup as setup_lib, sharding
 
-  run = loop.setup(config, mesh)
+  run = setup_lib.setup(config, mesh)
   placed = sharding.placed(run.abstract_state, run.state_sharding)
   size = config.input.image_size
   soft = config.input.mixup_alpha > 0 or config.input.cutmix_alpha > 0
   label_shape = (config.batch_size, config.dataset.num_classes) if soft else (config.batch_size,)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+  from vit_jax.config.sizes import image_hw
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, *image_hw(size), 3), jnp.float32,
                                          sharding=run.batch_sharding),
            'label': jax.ShapeDtypeStruct(label_shape, jnp.float32 if soft else jnp.int32,
                                          sharding=run.batch_sharding)}
@@ -58,15 +58,17 @@ def compile_step(config, mesh) -> tuple[Any, Any]:
 
 
 def main(argv: list[str]) -> None:
-  del argv
   from vit_jax.training import memory, sharding
 
+  if len(argv) > 1:
+    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}; every option is a --flag.')
+
   config = flags.FLAGS.config
-  try:
-    mesh = sharding.make_mesh(config)
-    run, compiled = compile_step(config, mesh)
-  except UsageError as e:
-    raise SystemExit(f'error: {e}') from None
+  devices = flags.FLAGS.devices
+  if devices is not None and devices < 1:
+    raise UsageError(f'--devices={devices}: give the number of CPU devices to simulate (1 or more).')
+  mesh = sharding.make_mesh(config)
+  run, compiled = compile_step(config, mesh)
   values = memory.report(run.abstract_state, run.state_sharding, compiled)
   print(f'{config.model.variant}, batch {config.batch_size} on {mesh.size} devices '
         f'(data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}, '

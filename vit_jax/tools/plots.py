@@ -1,6 +1,6 @@
 """Training curves of one or several runs, from their metrics.jsonl, as one PNG.
 
-  python -m vit_jax.tools.plots WORKDIR... --out FILE.png
+  vit-jax plots WORKDIR... --out FILE.png
 
 Four panels against the training step: loss (train solid, eval dashed), eval
 accuracy, learning rate and throughput. One colour per workdir, so runs of

@@ -1,13 +1,13 @@
 """Predict the classes of image files with a trained ViT, optionally with attention maps.
 
-  python -m vit_jax.tools.predict --workdir DIR [--top_k 5] [--attention_maps OUTDIR] IMAGE_OR_FOLDER...
-  python -m vit_jax.tools.predict --checkpoint FILE.npz [--config FILE.json] IMAGE_OR_FOLDER...
+  vit-jax predict --workdir DIR [--top_k 5] [--attention_maps OUTDIR] IMAGE_OR_FOLDER...
+  vit-jax predict --checkpoint FILE.npz [--config FILE.json] IMAGE_OR_FOLDER...
 
 Each image gets exactly the evaluation preprocessing of the run's config
 (`pipeline.eval_preprocess_fn`: decode, resize the short side, central
 crop, value range), so files of any size work. A folder stands for the image
 files directly inside it, in name order. Parameters come from the latest
-orbax checkpoint of `--workdir`, or from an exported `.npz` (vit_jax.tools.export)
+orbax checkpoint of `--workdir`, or from an exported `.npz` (vit-jax export)
 with the config JSON written beside it. Class names come from the dataset's
 tfds metadata (or from the exported JSON).
 """
@@ -49,21 +49,33 @@ def find_images(paths: Sequence[str]) -> list[str]:
   return files
 
 
-def load_images(config: ml_collections.ConfigDict, files: Sequence[str]) -> np.ndarray:
-  """The files after evaluation preprocessing, (n, image_size, image_size, 3) float32."""
+def _decode(config: ml_collections.ConfigDict, files: Sequence[str], skip: bool
+            ) -> tuple[list[str], list[np.ndarray]]:
+  """(files that decode, their images after evaluation preprocessing); with `skip`, a file that does
+  not decode gets a warning line (as in training) instead of a UsageError."""
   import tensorflow as tf
   from vit_jax.data import pipeline
 
   preprocess = pipeline.eval_preprocess_fn(config)
-  images = []
+  kept, images = [], []
   for path in files:
     with open(path, 'rb') as f:
       encoded = f.read()
     try:
       images.append(preprocess(tf.constant(encoded)).numpy())
     except tf.errors.InvalidArgumentError:
-      raise UsageError(f'Cannot decode {path!r} as an image; pass PNG, JPEG, GIF or BMP files.') from None
-  return np.stack(images)
+      if not skip:
+        raise UsageError(f'Cannot decode {path!r} as an image; pass PNG, JPEG, GIF or BMP files.') from None
+      print(f'warning: skipped {path}: it does not decode as an image (PNG, JPEG, GIF or BMP).',
+            file=sys.stderr, flush=True)
+      continue
+    kept.append(path)
+  return kept, images
+
+
+def load_images(config: ml_collections.ConfigDict, files: Sequence[str]) -> np.ndarray:
+  """The files after evaluation preprocessing, (n, height, width, 3) float32 (config.input.image_size)."""
+  return np.stack(_decode(config, files, skip=False)[1])
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'return_attention'))
@@ -76,7 +88,8 @@ def _forward(params, images, *, model, return_attention: bool):
   return logits, {k: v for k, v in intermediates.items() if k in ('attention', 'map_attention')}
 
 
-def predict_batches(run: Run, files: Sequence[str], batch_size: int = 32, return_attention: bool = False
+def predict_batches(run: Run, files: Sequence[str], batch_size: int = 32, return_attention: bool = False,
+                    skip_undecodable: bool = False
                     ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, Optional[dict[str, Any]]]]:
   """Runs the model over `files` in batches.
 
@@ -84,12 +97,16 @@ def predict_batches(run: Run, files: Sequence[str], batch_size: int = 32, return
   (n, size, size, 3) as the model saw them, logits (n, classes) and, with
   `return_attention`, the model's intermediates 'attention' (per layer,
   (n, heads, tokens, tokens)) and, for pool 'map', 'map_attention' (else None).
-  Every batch is padded to the same size, so the model compiles once.
+  Every batch is padded to the same size, so the model compiles once. With
+  `skip_undecodable`, files that do not decode are left out with a warning
+  (else they raise UsageError).
   """
   size = max(1, min(batch_size, len(files)))
   for start in range(0, len(files), size):
-    chunk = list(files[start:start + size])
-    images = load_images(run.config, chunk)
+    chunk, decoded = _decode(run.config, files[start:start + size], skip=skip_undecodable)
+    if not chunk:
+      continue
+    images = np.stack(decoded)
     padded = np.concatenate([images, np.zeros((size - len(chunk),) + images.shape[1:], images.dtype)])
     logits, attention = jax.device_get(_forward(run.params, padded, model=run.model,
                                                 return_attention=return_attention))
@@ -124,18 +141,21 @@ def format_predictions(path: str, probabilities: np.ndarray, class_names: Sequen
 
 def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpoint: Optional[str] = None,
                  config: Optional[str] = None, top_k_classes: int = 5, attention_dir: Optional[str] = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, ema: bool = False, step: str = 'latest') -> None:
   """The command: prints the top-k classes of each image; writes attention maps into `attention_dir`."""
   from vit_jax.tools import attention_maps
 
   if top_k_classes < 1 or batch_size < 1:
     raise UsageError(f'--top_k={top_k_classes} and --batch_size={batch_size} must be positive integers.')
   files = find_images(paths)
-  run = run_from_flags(workdir, checkpoint, config)
+  run = run_from_flags(workdir, checkpoint, config, ema=ema, step=step)
   k = min(top_k_classes, len(run.class_names))
   used_names: set[str] = set()
-  for chunk, images, logits, attention in predict_batches(run, files, batch_size,
+  predicted = 0
+  skip = len(files) > 1  # Among several images, one that does not decode gets a warning, as in training.
+  for chunk, images, logits, attention in predict_batches(run, files, batch_size, skip_undecodable=skip,
                                                            return_attention=bool(attention_dir)):
+    predicted += len(chunk)
     probabilities = softmax(logits)
     maps = attention_maps.attention_maps(attention, run.model, images.shape[1:3]) if attention_dir else None
     for i, path in enumerate(chunk):
@@ -154,17 +174,23 @@ def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpo
           {kind: m[i] for kind, m in maps.items()},
           title=f'{os.path.basename(path)}: {run.class_names[best]} ({probabilities[i, best]:.1%})')
       print(f'  attention maps: {written["png"]}', flush=True)
+  if not predicted:
+    raise UsageError(f'None of the {len(files)} image files decode; pass PNG, JPEG, GIF or BMP files.')
 
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
   flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit_jax.tools.export).')
+  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit-jax export).')
   flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside '
                       'the .npz; also a workdir config.json or a configs/*.py file).')
   flags.DEFINE_integer('top_k', 5, 'How many classes to show per image.')
   flags.DEFINE_string('attention_maps', None, 'Write attention-map PNGs and .npy arrays into this folder.')
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
+  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
+                    '(a run trained with config.ema.decay > 0).')
+  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
+                      "checkpoint best in the run's config.best_metric) or a step number.")
 
 
 def main(argv):
@@ -173,7 +199,8 @@ def main(argv):
   f = flags.FLAGS
   try:
     predict_main(argv[1:], workdir=f.workdir, checkpoint=f.checkpoint, config=f.config,
-                 top_k_classes=f.top_k, attention_dir=f.attention_maps, batch_size=f.batch_size)
+                 top_k_classes=f.top_k, attention_dir=f.attention_maps, batch_size=f.batch_size, ema=f.ema,
+                 step=f.step)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

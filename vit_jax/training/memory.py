@@ -25,10 +25,12 @@ def shard_bytes(abstract: Any, shardings: Any) -> int:
 
 
 def report(abstract_state: Any, state_shardings: Any, compiled: Any = None) -> dict[str, float]:
-  """GiB per device: params, optimizer state, and (given the compiled step) activations/scratch."""
+  """GiB per device: params, optimizer state, EMA params (if kept) and (given the compiled step) activations."""
   gib = 2.0**30
   out = {'params_gib': shard_bytes(abstract_state.params, state_shardings.params) / gib,
          'optimizer_gib': shard_bytes(abstract_state.opt_state, state_shardings.opt_state) / gib}
+  if abstract_state.ema_params is not None:  # config.ema: one more parameter-sized copy.
+    out['ema_gib'] = shard_bytes(abstract_state.ema_params, state_shardings.ema_params) / gib
   if compiled is not None:
     analysis = compiled.memory_analysis()
     if analysis is not None:

@@ -1,5 +1,8 @@
 """The optax optimizer and learning-rate schedule, built from `config.optimizer`."""
 
+import re
+from typing import Any
+
 import jax
 import ml_collections
 import optax
@@ -27,6 +30,17 @@ def create_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, warmup), decay], [warmup])
 
 
+def warmup_warning(config: ml_collections.ConfigDict) -> str | None:
+  """A warning when the warm-up takes the whole run (the rate never reaches its peak), else None."""
+  opt = config.optimizer
+  if opt.warmup_steps < config.total_steps:
+    return None
+  return (f'config.optimizer.warmup_steps={opt.warmup_steps} is not shorter than config.total_steps='
+          f'{config.total_steps}: the whole run is warm-up, so the learning rate never reaches its '
+          f'peak {opt.learning_rate:g}; lower warmup_steps (e.g. --config.optimizer.warmup_steps='
+          f'{config.total_steps // 10}).')
+
+
 def decay_mask(params):
   """True for the weights that get weight decay: kernels of at least 2 dims.
 
@@ -39,8 +53,42 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
+def parameter_path(path) -> str:
+  """'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': the name `config.optimizer.freeze` matches."""
+  return '/'.join(str(getattr(key, 'key', key)) for key in path)
+
+
+def frozen_mask(params: Any, pattern: str) -> Any:
+  """True for the parameters whose path `re.search(pattern, path)` finds; all False for pattern ''.
+
+  Fails with a UsageError for a pattern that is not a regular expression, or
+  that matches no parameter or every parameter (nothing left to train), so
+  that a misspelt pattern does not silently train the whole model.
+  """
+  if not pattern:
+    return jax.tree.map(lambda _: False, params)
+  try:
+    compiled = re.compile(pattern)
+  except re.error as e:
+    raise UsageError(f'config.optimizer.freeze={pattern!r} is not a regular expression ({e}).') from None
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(compiled.search(parameter_path(path))), params)
+  flags = jax.tree.leaves(mask)
+  if not any(flags) or all(flags):
+    paths = [parameter_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise UsageError(
+        f'config.optimizer.freeze={pattern!r} matches {"no" if not any(flags) else "every"} parameter; '
+        f'it is searched in paths such as {", ".join(paths[:2])}, ..., {paths[-1]} (e.g. '
+        "'^(?!head/)' freezes all but the head).")
+  return mask
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Returns the optax chain: optional global-norm clipping, then AdamW or SGD-momentum."""
+  """Returns the optax chain: optional global-norm clipping, then AdamW or SGD-momentum.
+
+  With `config.optimizer.freeze` set, the parameters it matches are frozen:
+  their updates are zero and they get no optimizer state (no Adam moments,
+  no momentum), so a linear probe holds optimizer state for the head alone.
+  """
   opt = config.optimizer
   schedule = create_schedule(config)
   if opt.name == 'adamw':
@@ -50,6 +98,11 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
                      optax.sgd(schedule, momentum=opt.momentum))
   else:
     raise UsageError(f"Unknown config.optimizer.name {opt.name!r}; use 'adamw' or 'sgd'.")
+  if opt.freeze:
+    labels = lambda params: jax.tree.map(  # noqa: E731
+        lambda frozen: 'frozen' if frozen else 'trained', frozen_mask(params, opt.freeze))
+    tx = optax.partition({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   if opt.grad_clip_norm > 0:
+    # Frozen parameters' gradients are zero (train_step stops them), so the norm is the trained ones'.
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx

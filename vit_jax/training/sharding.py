@@ -8,8 +8,14 @@ With the default `fsdp = 1` this is exactly the layout pmap gave. The train
 step is the same function whatever the layout: only the shardings change.
 """
 
+import contextlib
+import functools
 import math
-from typing import Any, Optional
+import os
+import socket
+import sys
+import threading
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -22,19 +28,66 @@ BATCH_AXES = ('data', 'fsdp')
 
 
 def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int], auto: bool = False) -> None:
+                           process_id: Optional[int], auto: bool = False, timeout_s: int = 300) -> None:
   """Joins this process to a multi-process JAX run (before any other JAX call).
 
   With a coordinator address, the three values are used as given. With `auto`,
-  JAX detects the cluster from its environment (SLURM, TPU pods, ...).
+  JAX detects the cluster from its environment (SLURM, TPU pods, ...). A
+  process still waiting for the others after `timeout_s` seconds prints one
+  `error:` line saying what it waited for and exits with code 2 (JAX itself
+  would abort the process with a C++ stack trace).
   """
+  if not (coordinator_address or auto):
+    return
+  if timeout_s < 1:
+    raise UsageError(f'--distributed_timeout={timeout_s}: give the seconds to wait for the other processes '
+                     '(1 or more).')
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise UsageError('--coordinator_address needs --num_processes and --process_id too.')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-  elif auto:
-    jax.distributed.initialize()
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise UsageError(f'--num_processes={num_processes} --process_id={process_id}: the processes of a run are '
+                       f'numbered 0..num_processes-1, one --process_id each.')
+    waited_for = functools.partial(_waited_for, coordinator_address, num_processes, process_id)
+    with _deadline(timeout_s, waited_for):
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id, initialization_timeout=timeout_s + 60)
+  else:
+    with _deadline(timeout_s, lambda: 'the other processes of the cluster JAX detected (SLURM, TPU, ...)'):
+      jax.distributed.initialize(initialization_timeout=timeout_s + 60)
+
+
+def _waited_for(address: str, num_processes: int, process_id: int) -> str:
+  """What a process that timed out was waiting for, in words: checks whether the coordinator answers."""
+  if process_id == 0:
+    ids = '1' if num_processes == 2 else f'1..{num_processes - 1}'
+    return (f'the other {num_processes - 1} process(es) to join the coordinator at {address}; start '
+            f'them with --coordinator_address {address} --num_processes {num_processes} --process_id {ids}')
+  host, _, port = address.rpartition(':')
+  try:
+    socket.create_connection((host.strip('[]'), int(port)), timeout=2).close()
+  except (OSError, ValueError):
+    return (f'process 0 (the coordinator) at {address}, where nothing answers; start process 0 there with '
+            '--process_id 0, or fix --coordinator_address')
+  return (f'all {num_processes} processes to join the coordinator at {address} (process 0 answers); start '
+          f'the missing ones with --num_processes {num_processes} and their own --process_id')
+
+
+@contextlib.contextmanager
+def _deadline(timeout_s: int, waited_for: Callable[[], str]):
+  """Exits the process (code 2, one `error:` line) if the body has not returned after `timeout_s` seconds."""
+  def give_up():
+    print(f'error: gave up after {timeout_s} s (--distributed_timeout) waiting for {waited_for()}.',
+          file=sys.stderr, flush=True)
+    os._exit(2)  # The main thread is blocked inside JAX's C++ client: nothing else would end it.
+
+  timer = threading.Timer(timeout_s, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

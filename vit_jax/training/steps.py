@@ -12,12 +12,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.config.sizes import image_hw
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # Exponential moving average of `params` (config.ema); None when off, so
+  # that the state, and its checkpoints, are then the same tree as without EMA.
+  ema_params: Any = None
 
 
 class DivergenceError(RuntimeError):
@@ -25,10 +30,25 @@ class DivergenceError(RuntimeError):
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_size: int) -> TrainState:
-  """A fresh train state. Pure: meant for `jax.eval_shape` and `jax.jit(out_shardings=...)`."""
-  params = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+                       image_size, ema: bool = False) -> TrainState:
+  """A fresh train state. Pure: meant for `jax.eval_shape` and `jax.jit(out_shardings=...)`.
+
+  `image_size` is one side or (height, width), as `config.input.image_size`.
+
+  With `ema`, the averaged parameters start equal to the initial ones.
+  """
+  params = model.init(rng, jnp.zeros((1, *image_hw(image_size), 3), jnp.float32))['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """The EMA decay of the update after `step` updates: `decay`, or with `warmup`
+  min(decay, (1 + step) / (10 + step)), so early averages forget the random init fast."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -45,17 +65,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, accumulation_steps: int = 1) -> tuple[TrainState, dict]:
+               label_smoothing: float, accumulation_steps: int = 1, frozen: Any = None,
+               ema_decay: float = 0.0, ema_warmup: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch. Returns the new state and scalar metrics.
 
   With `accumulation_steps` k > 1 the batch is split into k micro-batches
   (example i goes to micro-batch i % k, so each is spread over all devices)
   whose gradients are averaged: the same update as the full batch, with the
   activations of one micro-batch in memory at a time.
+
+  `frozen` (a tree of Python bools like the params, from
+  `optim.frozen_mask`) stops the gradient of the frozen parameters, so the
+  compiler drops the backward pass they alone need (for a linear probe, all of
+  it but the head's). With `ema_decay` > 0 the state's `ema_params` move
+  towards the new params: ema = d * ema + (1 - d) * params.
   """
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, micro_batch, micro_rng):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     logits, _ = model.apply({'params': params}, micro_batch['image'], train=True,
                             rngs={'dropout': micro_rng})
     return cross_entropy(logits, micro_batch['label'], label_smoothing).mean()
@@ -79,7 +108,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  ema_params = state.ema_params
+  if ema_decay > 0:
+    d = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
   return new_state, {'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
                      'train/lr': schedule(state.step)}
 

@@ -118,7 +118,8 @@ def index_folder(root: str, test_fraction: float) -> FolderIndex:
 def _scan(root: str, test_fraction: float) -> FolderIndex:
   if not root:
     raise UsageError('config.dataset.folder is empty; run with --config configs/image_folder.py:PATH '
-                     'or set --config.dataset.folder=PATH (one sub-folder per class).')
+                     '(PATH holds one sub-folder per class; their number sets config.dataset.num_classes), '
+                     'or set both --config.dataset.folder=PATH and --config.dataset.num_classes=N.')
   if not os.path.isdir(root):
     raise UsageError(f'Image folder {root!r} does not exist; point config.dataset.folder at a folder '
                      'with one sub-folder of images per class.')
