@@ -157,8 +157,8 @@ def test_divergence_stops_with_the_step_and_keeps_only_finite_checkpoints(tiny_c
   with pytest.raises(steps.DivergenceError, match=r'diverged at step (\d+)') as error:
     loop.train_and_evaluate(tiny_config, str(tmp_path))
   diverged = int(str(error.value).split('diverged at step ')[1].split(':')[0])
-  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
-  assert steps and steps[-1] == diverged - 1  # Every step before is kept, the bad one never saved.
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert saved and saved[-1] == diverged - 1  # Every step before is kept, the bad one never saved.
   state = final_state(tmp_path, tiny_config)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -211,10 +211,18 @@ def launch_bad(workdir, data_dir, *overrides, prefix=()):
     ('--config.optimizer.grad_clip_norm=0', 'optimizer.grad_clip_norm 1.0 -> 0.0'),
     ('--config.dataset.name=cifar10', "'cifar10' is not prepared"),
 ])
-def test_bad_flags_leave_the_saved_run_untouched(saved_run, data_dir, override, message):
+def test_bad_flags_leave_the_saved_run_untouched(saved_run, data_dir, override, message, capsys):
+  # The launcher's own code path in this process (`vit-jax train`), to spare a process start per case;
+  # test_two_processes_take_the_same_resume_decisions and the tests below run it as real processes.
+  from vit_jax import cli
   workdir, before = saved_run
-  rc, errors = launch_bad(workdir, data_dir, override)
-  assert rc == 2 and len(errors) == 1 and message in errors[0], errors
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['train', '--config', os.path.join(REPO, 'configs/base.py'), '--workdir', str(workdir),
+              f'--config.dataset.data_dir={data_dir}', '--config.batch_size=32', '--config.total_steps=6',
+              override])
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
+  assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
   assert snapshot(workdir) == before
 
 

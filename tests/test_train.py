@@ -1,6 +1,7 @@
 """Training through the real launcher on 8 virtual CPU devices, resume, and bad input."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
 
   # Finished run: running it again trains nothing more.
   third = launch(workdir, data_dir, '--config.total_steps=6')
-  assert third.returncode == 0 and 'step' not in third.stdout.split('Resuming')[-1].split('\n', 1)[-1]
+  assert third.returncode == 0 and 'is finished' in third.stdout
+  assert not re.search(r'step \d+/\d+', third.stdout)  # No step was trained.
 
 
 # More bad inputs, against a workdir that holds a run: tests/test_fault_tolerance.py.
@@ -68,11 +70,15 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
     ('--config.batch_size=12', 'batch_size=12 is not divisible by the 8 devices'),
     ('--config.dataset.name=cifar10', "'cifar10' is not prepared"),
 ])
-def test_launcher_rejects_bad_input_before_writing(tmp_path, data_dir, override, message):
+def test_launcher_rejects_bad_input_before_writing(tmp_path, data_dir, override, message, capsys):
+  from vit_jax import cli
   workdir = tmp_path / 'run'
-  result = launch(workdir, data_dir, '--config.total_steps=2', override)
-  assert result.returncode != 0
-  assert message in result.stderr
+  with pytest.raises(SystemExit) as exit_info:  # The launcher's code path, in this process.
+    cli.main(['train', '--config', os.path.join(REPO, 'configs/base.py'), '--workdir', str(workdir),
+              f'--config.dataset.data_dir={data_dir}', '--config.batch_size=32', '--config.total_steps=2',
+              override])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
   assert not workdir.exists()
 
 

@@ -215,7 +215,7 @@ def is_finished(sweep: Sweep, trial: Trial, workdir: str) -> bool:
 
 def last_step(trial_dir: str) -> int:
   """The largest step in `trial_dir/metrics.jsonl` (0 if none)."""
-  from vit_jax import plots  # Only its reader.
+  from vit_jax.tools import plots  # Only its reader.
   try:
     return max((row['step'] for row in plots.read_metrics(trial_dir)), default=0)
   except UsageError:
