@@ -308,3 +308,21 @@ def test_a_run_saved_before_the_gelu_key_reads_back_as_exact_gelu(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   assert files.load_config(str(tmp_path / 'config.json')).model.gelu == 'tanh'
   assert defaults.get_config().model.gelu == 'tanh'
+
+
+def test_a_config_imports_its_siblings_from_anywhere(tmp_path, monkeypatch):
+  """`configs/vit_l16.py` does `from configs import vit_b16`: that works under the `vit-jax` script,
+  whose sys.path lacks the working directory, and from any directory."""
+  from vit_jax.config import files
+  package = tmp_path / 'my_configs'
+  package.mkdir()
+  (package / '__init__.py').write_text('')
+  (package / 'base_run.py').write_text(
+      'from vit_jax.config import defaults\n\ndef get_config():\n  c = defaults.get_config()\n'
+      '  c.total_steps = 7\n  return c\n')
+  (package / 'longer.py').write_text(
+      'from my_configs import base_run\n\ndef get_config():\n  c = base_run.get_config()\n'
+      '  c.total_steps *= 2\n  return c\n')
+  monkeypatch.setattr(sys, 'path', [p for p in sys.path if p not in ('', os.getcwd(), str(tmp_path))])
+  monkeypatch.chdir('/')
+  assert files.load_config(str(package / 'longer.py')).total_steps == 14

@@ -50,11 +50,27 @@ def _missing(file: str) -> UsageError:
   return UsageError(f'Config file {file!r} does not exist{hint}; pass {KINDS}.')
 
 
+def package_root(file: str) -> None:
+  """Puts the folder above the config's package on sys.path, so that it can import its siblings.
+
+  `configs/vit_l16.py` builds on `from configs import vit_b16`: under `python -m` the working
+  directory is on sys.path and that import works from the checkout's root, but the `vit-jax`
+  script's sys.path holds only its own folder. A config file in a folder with an `__init__.py` is
+  part of that package wherever the command runs from.
+  """
+  folder = os.path.dirname(os.path.abspath(file))
+  if os.path.isfile(os.path.join(folder, '__init__.py')):
+    root = os.path.dirname(folder)
+    if root not in sys.path:
+      sys.path.append(root)  # Last: the installed vit_jax wins over any copy next to the configs.
+
+
 def _from_python(file: str, argument: Optional[str]) -> Any:
   name = 'vit_jax_config_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(file))[0])
   spec = importlib.util.spec_from_file_location(name, file)
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module  # As an import would: dataclasses and pickling look a module up here.
+  package_root(file)
   try:
     spec.loader.exec_module(module)
   except SyntaxError as e:

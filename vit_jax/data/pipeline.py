@@ -185,8 +185,8 @@ def _check_num_classes(dataset: ml_collections.ConfigDict, num_classes: int) -> 
                      f'config.dataset.num_classes={dataset.num_classes}; set it to {num_classes}.')
 
 
-def _normalize(image: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
-  """Pixels 0..255 to the model's input values, as config.input.normalization says."""
+def model_input(image: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+  """Pixels 0..255 to the model's input values, as config.input.normalization says (also the SavedModel's)."""
   if cfg.normalization == 'value_range':
     return preprocess.value_range(image, *cfg.value_range)
   if cfg.normalization == 'mean_std':
@@ -226,7 +226,7 @@ def _train_preprocess(config: ml_collections.ConfigDict):
       image = preprocess.random_flip(image, flip_seed)
     if randaugment.num_layers:
       image = augment.randaugment(image, randaugment_seed, randaugment.num_layers, randaugment.magnitude)
-    outputs = (_normalize(image, cfg), tf.cast(label, tf.int32))
+    outputs = (model_input(image, cfg), tf.cast(label, tf.int32))
     if mixing(config):
       outputs += (augment.mix_params(mix_seed, cfg.mixup_alpha, cfg.cutmix_alpha),)
     return outputs
@@ -245,7 +245,7 @@ def eval_preprocess_fn(config: ml_collections.ConfigDict):
 
   def fn(encoded):
     image = preprocess.central_crop(preprocess.decode(encoded), cfg.image_size, cfg.eval_crop_fraction)
-    return _normalize(image, cfg)
+    return model_input(image, cfg)
 
   return fn
 

@@ -64,7 +64,7 @@ def _serving_module(run: Run, serving_input: str, platforms: tuple[str, ...]) ->
 
   def prepare(image):  # uint8 (h, w, 3) -> model input: eval_preprocess_fn after its decode.
     image = preprocess.central_crop(image, config.image_size, config.eval_crop_fraction)
-    return pipeline._normalize(image, config)
+    return pipeline.model_input(image, config)
 
   def serve_uint8(images):
     model_input = tf.map_fn(prepare, images, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
