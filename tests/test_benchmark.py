@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from vit_jax.bench import benchmark
-from vit_jax.bench import timm as benchmark_timm
+from vit_jax.bench import side_by_side as benchmark_timm
 from vit_jax.models import create_model
 
 # A small program: its XLA FLOP count is dominated by the matmuls, as a real model's.
@@ -154,3 +154,12 @@ def test_timm_python_is_found_without_a_hard_coded_path(monkeypatch, tmp_path):
   found, looked = benchmark_timm.find_timm_python(None)
   assert found == (sys.executable if has_timm else None)
   assert has_timm or 'which has no torch/timm' in looked
+
+
+def test_the_torch_worker_script_does_not_shadow_torch_or_timm():
+  """The timm python runs this file as a script, so its folder comes first on that python's sys.path:
+  a module there named like a package the worker imports would be imported instead of it."""
+  folder = os.path.dirname(os.path.abspath(benchmark_timm.__file__))
+  for package in ('torch', 'timm'):
+    assert not os.path.exists(os.path.join(folder, f'{package}.py')), package
+    assert not os.path.isdir(os.path.join(folder, package)), package

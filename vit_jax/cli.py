@@ -37,7 +37,7 @@ COMMANDS = {
     'sweep': Command('vit_jax.sweeps.command', 'run an ablation sweep file and report it', False),
     'benchmark': Command('vit_jax.bench.benchmark', 'train/inference images/s and MFU of a variant', False,
                          True),
-    'benchmark-timm': Command('vit_jax.bench.timm', 'the benchmark side by side with timm', False),
+    'benchmark-timm': Command('vit_jax.bench.side_by_side', 'the benchmark side by side with timm', False),
     'input-benchmark': Command('vit_jax.bench.input', 'input pipeline images/s against the train step',
                                True, True),
 }

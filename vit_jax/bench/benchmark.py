@@ -23,7 +23,7 @@ ceiling) and peak memory: `device.memory_stats()` where the device has it
 + temporaries - donated) and the process's peak RSS, and says which.
 
 `--serve` turns the process into a worker for side-by-side runs
-(`vit_jax.bench.timm`): it builds and warms up once, prints one JSON
+(`vit_jax.bench.side_by_side`): it builds and warms up once, prints one JSON
 line, then answers each `run` line on stdin with one timed run.
 
 Run as a command, it first calls `vit_jax.cpu.hostmem.retain_freed_memory`, as
@@ -368,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
                  help='split the CPU into this many data-parallel devices, as the launcher\'s '
                       '--cpu_devices (default $VIT_JAX_CPU_DEVICES or 1)')
   p.add_argument('--json', action='store_true', help='print one JSON object instead of text')
-  p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.bench.timm')
+  p.add_argument('--serve', action='store_true', help='worker mode for vit_jax.bench.side_by_side')
   return p
 
 
