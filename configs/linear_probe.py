@@ -1,6 +1,6 @@
 """A linear probe: only the classifier head is trained, every other parameter frozen.
 
-  python -m vit_jax.main --config configs/linear_probe.py --workdir /tmp/vit_probe --config.init.path=/tmp/vit_quickstart
+  vit-jax train --config configs/linear_probe.py --workdir /tmp/vit_probe --config.init.path=/tmp/vit_quickstart
 
 Starts from a trained run (here the quickstart's workdir, configs/quickstart.py;
 any published-layout .npz works too, with its --config.model.variant) and

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 
 def define_flags() -> None:

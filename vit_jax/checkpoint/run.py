@@ -175,6 +175,24 @@ def load_exported(npz_path: str, config_path: Optional[str] = None) -> Run:
   return Run(config, model, params, names or class_names_of(config), step)
 
 
+def define_run_flags() -> None:
+  """The flags that name a trained run, defined once for every command that reads one.
+
+  --workdir (with --step and --ema) or --checkpoint (with --config); `run_from_flags` takes them.
+  Defined when a command runs (vit_jax/cli.py), never at import.
+  """
+  from absl import flags
+  flags.DEFINE_string('workdir', None, "Training workdir: its config.json and a checkpoint (--step).")
+  flags.DEFINE_string('checkpoint', None, 'Parameters: a .npz from vit-jax export, a gs:// or https:// '
+                      'URL, or a published name such as augreg:B/16.')
+  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the '
+                      '.npz; also a workdir config.json or a configs/*.py file, e.g. for a published one).')
+  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
+                      "checkpoint best in the run's config.best_metric) or a step number.")
+  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
+                    '(a run trained with config.ema.decay > 0).')
+
+
 def run_from_flags(workdir: Optional[str], checkpoint: Optional[str], config: Optional[str],
                    ema: bool = False, step: Union[str, int] = 'latest') -> Run:
   """The Run that --workdir, or --checkpoint with --config, names (shared by the launchers).

@@ -31,7 +31,6 @@ Flags: --plan (list the trials and exit), --parallel N (trials at once),
 results.md and PNGs, see vit_jax/sweep_report.py) is written into DIR.
 """
 
-import argparse
 import concurrent.futures
 import hashlib
 import itertools

@@ -28,12 +28,12 @@ import os
 import sys
 from typing import Any, Iterator, Optional
 
-from absl import flags, logging
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.checkpoint.run import Run, run_from_flags
+from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
 from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
 
@@ -355,10 +355,7 @@ def analyze(run: Run, out_dir: str, *, images_dir: Optional[str] = None, num_ima
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported or published parameters (.npz).')
-  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside '
-                      'the .npz; also a workdir config.json or a configs/*.py file).')
+  define_run_flags()
   flags.DEFINE_string('out', None, 'Folder to write the pictures and attention_distance.json into.')
   flags.DEFINE_string('images', None, 'Measure attention distances on the image files of this folder '
                       '(default: the eval split of the run).')
@@ -366,18 +363,12 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_images', 128, 'How many images the attention distances are averaged over.')
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
   flags.DEFINE_integer('num_components', 28, 'Principal components of the filters to show (the paper: 28).')
-  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
-                    '(a run trained with config.ema.decay > 0).')
-  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
-                      "checkpoint best in the run's config.best_metric) or a step number.")
   flags.mark_flag_as_required('out')
 
 
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f'Unexpected arguments: {" ".join(argv[1:])}; name image folders with --images.')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
   f = flags.FLAGS
   try:
     check_options(f.images, f.num_images, f.split, f.batch_size, f.num_components)

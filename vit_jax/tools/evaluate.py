@@ -26,12 +26,11 @@ import os
 import sys
 from typing import Any, Optional
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
-from vit_jax.cpu import hostmem
 from vit_jax.errors import UsageError
-from vit_jax.checkpoint.run import Run, run_from_flags
+from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
 from vit_jax.tools.predict import softmax
 
 
@@ -197,24 +196,14 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Parameters: a .npz from vit-jax export, a gs:// or '
-                      'https:// URL, or a published name such as augreg:B/16->imagenet2012.')
-  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the .npz; '
-                      'a configs/*.py for a published checkpoint).')
+  define_run_flags()
   flags.DEFINE_string('out_dir', None, 'Where to write the report (default: WORKDIR/eval).')
   flags.DEFINE_integer('num_confused', 16, 'How many confused pairs and mistakes to report and show.')
-  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
-                    '(a run trained with config.ema.decay > 0).')
-  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
-                      "checkpoint best in the run's config.best_metric) or a step number.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
   f = flags.FLAGS
   try:
     out_dir: Optional[str] = f.out_dir or (os.path.join(f.workdir, 'eval') if f.workdir else None)

@@ -20,8 +20,7 @@ import os
 import sys
 
 
-from absl import app, flags, logging
-import numpy as np
+from absl import app, flags
 
 from vit_jax.errors import UsageError
 from vit_jax.checkpoint.run import Run, config_path_for, load_workdir
@@ -65,8 +64,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
   try:
     run = load_workdir(flags.FLAGS.workdir, ema=flags.FLAGS.ema, step=flags.FLAGS.step)
     if flags.FLAGS.format == 'saved_model':

@@ -13,10 +13,10 @@ class sub-folders; images get the eval preprocessing of the model's config.
 import time
 from typing import Any, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
-from vit_jax.checkpoint.run import Run, run_from_flags
+from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
 from vit_jax.errors import UsageError
 
 
@@ -63,11 +63,7 @@ def fewshot_run(run: Run, dataset: str, shots: Sequence[int], *, train_split: st
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit-jax export).')
-  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside the .npz; '
-                      'also a configs/*.py file).')
-  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters.')
+  define_run_flags()
   flags.DEFINE_string('dataset', None, 'A tfds dataset name or a folder of class sub-folders.')
   flags.DEFINE_string('train_split', 'train', 'Split the shots are drawn from.')
   flags.DEFINE_string('test_split', 'test', 'Split the accuracy is measured on (every example).')
@@ -82,14 +78,12 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
   f = flags.FLAGS
   try:
     shots = [int(k) for k in f.shots]
   except ValueError:
     raise UsageError(f'--shots={",".join(f.shots)}: give positive integers, e.g. --shots=1,5,10,25.') from None
-  run = run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema)
+  run = run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step)
   result = fewshot_run(run, f.dataset, shots, train_split=f.train_split, test_split=f.test_split,
                        seeds=f.seeds, l2_reg=f.l2_reg, data_dir=f.data_dir, batch_size=f.batch_size)
   print(f'{f.dataset}: {result["num_classes"]} classes, shots from {result["num_train"]} {f.train_split} '

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from vit_jax.errors import UsageError

@@ -13,18 +13,16 @@ tfds metadata (or from the exported JSON).
 """
 
 import functools
-import json
 import os
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
-from vit_jax.cpu import hostmem
-from vit_jax.checkpoint.run import Run, run_from_flags
+from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
 from vit_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.gif', '.bmp')
@@ -180,22 +178,13 @@ def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpo
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a program, so importing this module adds none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir: its config.json and latest checkpoint.')
-  flags.DEFINE_string('checkpoint', None, 'Exported parameters (.npz from vit-jax export).')
-  flags.DEFINE_string('config', None, 'With --checkpoint: the config (by default the .json beside '
-                      'the .npz; also a workdir config.json or a configs/*.py file).')
+  define_run_flags()
   flags.DEFINE_integer('top_k', 5, 'How many classes to show per image.')
   flags.DEFINE_string('attention_maps', None, 'Write attention-map PNGs and .npy arrays into this folder.')
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
-  flags.DEFINE_bool('ema', False, 'With --workdir: use the exponential moving average of the parameters '
-                    '(a run trained with config.ema.decay > 0).')
-  flags.DEFINE_string('step', 'latest', "With --workdir: the checkpoint: 'latest', 'best' (the kept "
-                      "checkpoint best in the run's config.best_metric) or a step number.")
 
 
 def main(argv):
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
   f = flags.FLAGS
   try:
     predict_main(argv[1:], workdir=f.workdir, checkpoint=f.checkpoint, config=f.config,

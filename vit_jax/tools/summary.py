@@ -9,7 +9,6 @@ batch 1, which counts 2 FLOPs per multiply-add plus the element-wise work
 (softmax, GELU, LayerNorm).
 """
 
-import argparse
 import math
 import re
 import sys

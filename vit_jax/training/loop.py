@@ -3,7 +3,6 @@
 import math
 import os
 import sys
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +19,7 @@ from vit_jax.training import optim
 from vit_jax.training import preemption
 from vit_jax.training.steps import DivergenceError, TrainState
 from vit_jax.training import sharding
-from vit_jax.training.setup import Setup, checkpoint_metric_names, seed_rngs, setup  # noqa: F401  (loop.setup)
-from vit_jax.errors import UsageError
+from vit_jax.training.setup import seed_rngs, setup
 from vit_jax.models.variants import attention_implementation
 
 

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 
 def shard_bytes(abstract: Any, shardings: Any) -> int:
