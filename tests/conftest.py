@@ -1,15 +1,59 @@
-"""Test setup: 8 virtual CPU devices, and the bundled digits prepared once per session."""
+"""Test setup: 8 virtual CPU devices, one compilation cache per run, and the bundled digits prepared once.
+
+The suite runs on `pytest-xdist` workers (`-n auto`, one per core, whole files
+per worker: see pyproject.toml), as most of its time is XLA compilation and
+process start-up, which use one core each.
+"""
 
 import os
+import shutil
+import subprocess
+import tempfile
+import uuid
 
 # Must happen before JAX initialises its backends.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ['VIT_JAX_COMPILATION_CACHE'] = '0'  # Commands run by tests leave the user's cache alone.
+
+# JAX's persistent compilation cache in a directory of this run, shared by its workers and by the commands
+# the tests start (the launcher's default path, pointed away from the user's cache): a program that
+# several tests or launcher processes compile alike is compiled once. The controller removes it at the end.
+# Workers inherit the controller's environment, so they find its directory.
+RUN_DIR = os.environ.setdefault('VIT_JAX_TESTS_RUN_DIR', os.path.join(tempfile.gettempdir(),
+                                                                      f'vit_jax_tests_{uuid.uuid4().hex}'))
+COMPILATION_CACHE = os.path.join(RUN_DIR, 'jax_cache')
+os.environ['VIT_JAX_COMPILATION_CACHE'] = '1'
+os.environ['VIT_JAX_COMPILATION_CACHE_DIR'] = COMPILATION_CACHE
 
 import pytest  # noqa: E402
 
+from vit_jax import cli  # noqa: E402
+
+cli.enable_compilation_cache(COMPILATION_CACHE)  # This process's own compilations too.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core, at most 4 (each holds a few GB and 8 virtual devices)."""
+  return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+# The files that take longest, started first so that no worker is left with one at the end.
+SLOW_FILES = ('test_fault_tolerance.py', 'test_sweep.py', 'test_hybrid.py', 'test_ema.py', 'test_scale.py',
+              'test_package.py', 'test_models.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.path))
+    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+  items.sort(key=rank)  # Stable: the order within each file stays.
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, 'workerinput'):  # The controller (or a run without workers).
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
@@ -40,3 +84,20 @@ def tiny_config(data_dir):
   config.checkpoint_every_steps = 3
   config.optimizer.warmup_steps = 2
   return config
+
+
+@pytest.fixture
+def run_command(capfd):
+  """Runs `vit-jax ARGS...` in this process (8 devices) and returns a `subprocess.CompletedProcess` with
+  its exit code and what it wrote to stdout and stderr: the command's whole code path from argv on,
+  without the seconds of a process start. Tests where the process itself is the point start one."""
+  def run(*args: str) -> subprocess.CompletedProcess:
+    from vit_jax import cli
+    capfd.readouterr()
+    try:
+      code = cli.main(list(args))
+    except SystemExit as e:  # Usage errors, and absl's app.run, which ends in sys.exit also on success.
+      code = e.code or 0
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(['vit-jax', *args], code, out, err)
+  return run

@@ -117,6 +117,8 @@ def test_startup_line_names_the_attention_that_runs():
     ({'JAX_PLATFORMS': 'cpu'}, None),
 ])
 def test_host_memory_settings_stay_off_for_accelerators(monkeypatch, environ, expected):
+  # As in a fresh process: commands run in this one by earlier tests may have switched the settings on.
+  monkeypatch.setattr(hostmem, '_retaining', False)
   for key, value in environ.items():
     monkeypatch.setenv(key, value)
   assert hostmem.accelerator_in_use() == expected

@@ -3,13 +3,10 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
 from tests.trained_run import trained_workdir
 from vit_jax.checkpoint.run import load_workdir
 from vit_jax.errors import UsageError
@@ -148,13 +145,11 @@ def test_analyze_on_the_trained_run_matches_predicts_attention(tiny_config, tmp_
   assert '28 principal components of 32 4x4 filters' in result['filters']
 
 
-def test_command_writes_the_figures_for_a_workdir(tiny_config, tmp_path_factory, tmp_path):
+def test_command_writes_the_figures_for_a_workdir(tiny_config, tmp_path_factory, tmp_path, run_command):
   workdir = trained_workdir(tiny_config, tmp_path_factory)
   out = tmp_path / 'figure7'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'analyze', '--workdir', workdir, '--out', str(out),
-                           '--num_images', '6', '--batch_size', '4'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = run_command('analyze', '--workdir', workdir, '--out', str(out), '--num_images', '6',
+                       '--batch_size', '4')
   assert result.returncode == 0, result.stderr
   assert sorted(os.listdir(out)) == ['attention_distance.json', 'attention_distance.png',
                                      'embedding_filters.png', 'position_similarity.png']

@@ -2,15 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from tests.conftest import REPO
 from vit_jax.checkpoint.run import Run
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
@@ -106,20 +103,16 @@ def test_trained_model_beats_random_init_at_every_shot_count(fewshot_workdir):
   assert trained[1] < trained[25]
 
 
-def test_command_prints_one_line_per_shot_count(fewshot_workdir, data_dir):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax', 'fewshot', f'--workdir={fewshot_workdir}', '--dataset=sklearn_digits',
-       '--shots=1,5', '--seeds=2'], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+def test_command_prints_one_line_per_shot_count(fewshot_workdir, data_dir, run_command):
+  result = run_command('fewshot', f'--workdir={fewshot_workdir}', '--dataset=sklearn_digits', '--shots=1,5',
+                       '--seeds=2')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert lines[0].startswith('sklearn_digits: 10 classes') and len(lines) == 3
   for line, k in zip(lines[1:], (1, 5)):
     assert line.startswith(f'{k}-shot accuracy: 0.') and len(line.split(': ')[1]) == 6
 
-  bad = subprocess.run(
-      [sys.executable, '-m', 'vit_jax', 'fewshot', f'--workdir={fewshot_workdir}', '--dataset=sklearn_digits',
-       '--shots=0'], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  bad = run_command('fewshot', f'--workdir={fewshot_workdir}', '--dataset=sklearn_digits', '--shots=0')
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith('error: vit-jax fewshot')
 
 

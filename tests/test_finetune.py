@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train import launch
-from vit_jax.training import loop, steps
+from tests.test_train import train_in_process
+from vit_jax.training import loop
 from vit_jax.checkpoint import load_for_model, resize_posemb, save_npz
 from vit_jax.checkpoint.npz import flatten_params, load_pretrained
 from vit_jax.errors import UsageError
 from vit_jax.models import create_model
 
 
-def test_finetune_through_launcher_resizes_posemb_and_resets_head(tmp_path, data_dir):
+def test_finetune_through_launcher_resizes_posemb_and_resets_head(tmp_path, data_dir, run_command):
   # "Pretrained": the base config's tiny/2 at 8 px (4x4 patches) with a 5-class head, exported.
   pretrained = create_model('tiny/2', 5)
   params = jax.device_get(jax.jit(pretrained.init)(jax.random.key(7), jnp.zeros((1, 8, 8, 3)))['params'])
@@ -24,9 +24,10 @@ def test_finetune_through_launcher_resizes_posemb_and_resets_head(tmp_path, data
   # Fine-tune on the 10 digits at 16 px (8x8 patches). A zero learning rate keeps the
   # parameters where the init put them, so the checkpoint shows exactly what was loaded.
   workdir = tmp_path / 'finetune'
-  result = launch(workdir, data_dir, '--config.total_steps=2', '--config.input.image_size=16',
-                  f'--config.init.path={path}', '--config.optimizer.name=sgd',
-                  '--config.optimizer.learning_rate=0.0', '--config.optimizer.weight_decay=0.0')
+  result = train_in_process(run_command, workdir, data_dir, '--config.total_steps=2',
+                            '--config.input.image_size=16', f'--config.init.path={path}',
+                            '--config.optimizer.name=sgd', '--config.optimizer.learning_rate=0.0',
+                            '--config.optimizer.weight_decay=0.0')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'Initialised from {path}' in result.stdout and 'step 2/2' in result.stdout
 

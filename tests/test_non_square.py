@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_train import launch
+from tests.test_train import train_in_process
 from tests.trained_run import trained_workdir
 from vit_jax.checkpoint import load_for_model, resize_posemb
 from vit_jax.checkpoint.npz import flatten_params, load_pretrained
@@ -81,15 +81,16 @@ def test_square_checkpoint_loads_into_a_non_square_model(tiny_config, tmp_path_f
 
 
 def test_launcher_fine_tunes_non_square_from_a_square_run_and_predicts(tiny_config, tmp_path_factory,
-                                                                        tmp_path, data_dir):
+                                                                        tmp_path, data_dir, run_command):
   """`--config.input.image_size='(16, 24)'` on the command line, initialised from the square
   run; then predict on image files through the run's own preprocessing."""
   from vit_jax.checkpoint.run import load_workdir
   from vit_jax.tools import predict
   square = trained_workdir(tiny_config, tmp_path_factory)
   workdir = tmp_path / 'wide'
-  result = launch(workdir, data_dir, '--config.total_steps=2', '--config.model.variant=tiny/4',
-                  '--config.input.image_size=(16, 24)', f'--config.init.path={square}')
+  result = train_in_process(run_command, workdir, data_dir, '--config.total_steps=2',
+                            '--config.model.variant=tiny/4', '--config.input.image_size=(16, 24)',
+                            f'--config.init.path={square}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'step 2/2' in result.stdout
   saved = json.loads((workdir / 'config.json').read_text())

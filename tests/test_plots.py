@@ -1,14 +1,11 @@
 """Training-curve plots from metrics.jsonl."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
 from tests.trained_run import trained_workdir
 from vit_jax.tools import plots
 from vit_jax.errors import UsageError
@@ -42,11 +39,10 @@ def test_plot_of_a_real_and_a_fake_run_is_written(tiny_config, tmp_path_factory,
   assert (pixels < 250).mean() > 0.05
 
 
-def test_command_writes_the_png(tmp_path):
+def test_command_writes_the_png(tmp_path, run_command):
   run = fake_run(tmp_path / 'run', range(10, 61, 10))
   out = tmp_path / 'curves.png'
-  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'plots', str(run), '--out', str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = run_command('plots', str(run), '--out', str(out))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == f'wrote {out}' and out.stat().st_size > 10_000
 

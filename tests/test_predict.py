@@ -2,14 +2,11 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
 from tests.trained_run import trained_run, trained_workdir
 from vit_jax.data import pipeline
 from vit_jax.checkpoint import run as run_lib
@@ -44,15 +41,13 @@ def images(tmp_path, tiny_config):
   return folder, labels
 
 
-def test_command_prints_top_k_per_image_and_writes_attention_maps(workdir, images, tmp_path):
+def test_command_prints_top_k_per_image_and_writes_attention_maps(workdir, images, tmp_path, run_command):
   folder, _ = images
   big = tmp_path / 'big.jpg'  # Another size and format: resized as in evaluation.
   Image.open(folder / 'digit_0.png').convert('RGB').resize((37, 23)).save(big)
   maps = tmp_path / 'maps'
-  result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax', 'predict', '--workdir', workdir, '--top_k', '3', '--batch_size', '2',
-       '--attention_maps', str(maps), str(folder), str(big)],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run_command('predict', '--workdir', workdir, '--top_k', '3', '--batch_size', '2',
+                       '--attention_maps', str(maps), str(folder), str(big))
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().split('\n')
   files = [os.path.join(str(folder), f'digit_{i}.png') for i in range(4)] + [str(big)]
@@ -74,9 +69,8 @@ def test_command_prints_top_k_per_image_and_writes_attention_maps(workdir, image
     np.testing.assert_allclose(heads.sum(axis=(1, 2)), 1.0, atol=1e-5)
 
 
-def test_bad_input_exits_2_with_one_line(workdir, tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'predict', '--workdir', workdir,
-                           str(tmp_path / 'missing.png')], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_bad_input_exits_2_with_one_line(workdir, tmp_path, run_command):
+  result = run_command('predict', '--workdir', workdir, str(tmp_path / 'missing.png'))
   assert result.returncode == 2
   assert result.stderr.strip().split('\n')[-1] == f"error: No such image file or folder: '{tmp_path / 'missing.png'}'."
 

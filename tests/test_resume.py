@@ -8,15 +8,12 @@ falls); each test works on a copy of its workdir with real orbax checkpoints.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
-from tests.test_fault_tolerance import environment, snapshot
+from tests.test_fault_tolerance import snapshot
 from vit_jax import checkpoint
 from vit_jax.checkpoint import run as run_lib
 from vit_jax.errors import UsageError
@@ -181,10 +178,8 @@ def test_step_picks_the_latest_the_best_or_a_number(workdir):
     run_lib.run_from_flags(None, 'exported.npz', None, step='best')
 
 
-def test_export_step_best_through_the_command(workdir, tmp_path):
+def test_export_step_best_through_the_command(workdir, tmp_path, run_command):
   out = tmp_path / 'best.npz'
-  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'export', '--workdir', workdir, '--out', str(out),
-                           '--step', 'best'], cwd=REPO, env=environment(1), capture_output=True, text=True,
-                          timeout=300)
+  result = run_command('export', '--workdir', workdir, '--out', str(out), '--step', 'best')
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(out.with_suffix('.json').read_text())['step'] == 3

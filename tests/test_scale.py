@@ -21,7 +21,7 @@ from tests.conftest import REPO
 from vit_jax import checkpoint
 from vit_jax.data import pipeline
 from vit_jax.training import sharding
-from vit_jax.training import loop, steps
+from vit_jax.training import loop
 
 STEPS = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # float32 rounding of differently ordered sums.
@@ -169,3 +169,22 @@ def test_two_processes_of_four_devices_equal_one_device(config, one_device_run, 
   assert restored.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}
   assert_same_params(restored.params, one_device_run[0].params)
   assert_same_params(restored.opt_state, one_device_run[0].opt_state)
+
+
+def test_saving_a_replicated_state_compiles_nothing(tmp_path, caplog):
+  """Orbax would slice each replicated array once per CPU device to copy it to host: a compilation per
+  shape and device (seconds at a process's first save). Here each array is copied from one replica."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {f'w{i}': jax.device_put(np.full((8 + i, 3), i, np.float32), replicated) for i in range(4)}
+  config = defaults.get_config()
+  manager = checkpoint.create_manager(str(tmp_path), config)
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    checkpoint.save(manager, 1, state)
+    manager.wait_until_finished()
+  compiled = [r.getMessage() for r in caplog.records if 'Finished XLA compilation' in r.getMessage()]
+  assert not compiled, compiled
+  restored = manager.restore(1)
+  manager.close()
+  for name, value in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))

@@ -1,18 +1,13 @@
 """`vit-jax summary`: parameters per module, total, GFLOPs, and the last line."""
 
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
 from vit_jax.tools import summary
 
 
-def test_cli_prints_modules_and_ends_with_total(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'vit_jax', 'summary', 'tiny/4', '--num_classes', '10',
-                           '--image_size', '16', '--pool', 'map'],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_cli_prints_modules_and_ends_with_total(tmp_path, run_command):
+  result = run_command('summary', 'tiny/4', '--num_classes', '10', '--image_size', '16', '--pool', 'map')
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
   assert lines[-1] == 'total_params: 28074'

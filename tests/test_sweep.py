@@ -40,12 +40,12 @@ def read_rows(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def test_plan_lists_trials_without_running_them(tmp_path, data_dir):
+def test_plan_lists_trials_without_running_them(tmp_path, data_dir, monkeypatch, run_command):
   sweep_file = tmp_path / 'tiny.py'
   sweep_file.write_text(TINY_SWEEP.format(data_dir=data_dir))
   workdir = tmp_path / 'sweep'
-  result = subprocess.run(sweep_command(sweep_file, workdir, '--plan'), cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+  monkeypatch.chdir(REPO)
+  result = run_command(*sweep_command(sweep_file, workdir, '--plan')[3:])  # `vit-jax sweep`, in this process.
   assert result.returncode == 0, result.stderr
   names = ['model.posemb=learn,model.pool=token,seed=0', 'model.posemb=learn,model.pool=gap,seed=0',
            'model.posemb=none,model.pool=token,seed=0', 'model.posemb=none,model.pool=gap,seed=0']
@@ -55,7 +55,7 @@ def test_plan_lists_trials_without_running_them(tmp_path, data_dir):
   assert not workdir.exists()
 
 
-def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkeypatch):
+def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkeypatch, run_command):
   monkeypatch.chdir(REPO)
   sweep_file = tmp_path / 'tiny.py'
   sweep_file.write_text(TINY_SWEEP.format(data_dir=data_dir))
@@ -113,17 +113,17 @@ def test_sweep_runs_survives_interruption_and_reports(tmp_path, data_dir, monkey
     assert (workdir / png).stat().st_size > 10_000
 
   # Finished: a third run launches nothing.
-  again = subprocess.run(sweep_command(sweep_file, workdir, '--trial', '1'), cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+  again = run_command(*sweep_command(sweep_file, workdir, '--trial', '1')[3:])
   assert again.returncode == 0 and '1 already finished (skipped), 0 to run' in again.stdout
 
 
-def test_failed_trials_are_reported_and_do_not_stop_the_others(tmp_path, data_dir):
+def test_failed_trials_are_reported_and_do_not_stop_the_others(tmp_path, data_dir, monkeypatch, run_command):
   sweep_file = tmp_path / 'bad.py'
   sweep_file.write_text(f'BASE_CONFIG = "configs/base.py"\nOVERRIDES = {{"dataset.data_dir": {data_dir!r}}}\n'
                         'TRIALS = [{"input.image_size": 9}, {"input.image_size": 7}]\n')
-  result = subprocess.run(sweep_command(sweep_file, tmp_path / 'sweep', '--parallel', '2'), cwd=REPO,
-                          env=one_device_env(), capture_output=True, text=True, timeout=120)
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv('XLA_FLAGS', one_device_env()['XLA_FLAGS'])  # For the trials this process starts.
+  result = run_command(*sweep_command(sweep_file, tmp_path / 'sweep', '--parallel', '2')[3:])
   assert result.returncode == 1
   for size in (9, 7):
     assert f'input.image_size={size},seed=0: failed' in result.stdout

@@ -11,19 +11,30 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from vit_jax.training import loop, steps
+from vit_jax.training import loop
 from vit_jax.errors import UsageError
 
 
+def train_flags(workdir, data_dir, *overrides):
+  """`vit-jax train` flags of configs/base.py (the tiny model) with short cadences, then `overrides`."""
+  return ['--config', os.path.join(REPO, 'configs/base.py'), '--workdir', str(workdir),
+          f'--config.dataset.data_dir={data_dir}', '--config.batch_size=32', '--config.eval_batch_size=64',
+          '--config.log_every_steps=2', '--config.eval_every_steps=4', '--config.checkpoint_every_steps=2',
+          *overrides]
+
+
 def launch(workdir, data_dir, *overrides, devices=8):
-  """Runs `python -m vit_jax.main` on configs/base.py (the tiny model) in a subprocess."""
+  """Runs `python -m vit_jax.main` with `train_flags` in a subprocess."""
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              TF_CPP_MIN_LOG_LEVEL='2')
-  cmd = [sys.executable, '-m', 'vit_jax.main', '--config', 'configs/base.py', '--workdir', str(workdir),
-         f'--config.dataset.data_dir={data_dir}', '--config.batch_size=32', '--config.eval_batch_size=64',
-         '--config.log_every_steps=2', '--config.eval_every_steps=4', '--config.checkpoint_every_steps=2',
-         *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *train_flags(workdir, data_dir, *overrides)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_in_process(run_command, workdir, data_dir, *overrides) -> subprocess.CompletedProcess:
+  """`vit-jax train` with `train_flags`, in this process (conftest's `run_command`): returns what `launch`
+  returns."""
+  return run_command('train', *train_flags(workdir, data_dir, *overrides))
 
 
 def read_metrics(workdir):
@@ -31,7 +42,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
+def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir, run_command):
   workdir = tmp_path / 'run'
   first = launch(workdir, data_dir, '--config.total_steps=4')
   assert first.returncode == 0, first.stderr[-3000:]
@@ -52,7 +63,8 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
 
   # Same command, longer schedule: continues from step 4 rather than starting over, also
   # with rematerialisation switched on (how the model is computed, not which model it is).
-  second = launch(workdir, data_dir, '--config.total_steps=6', '--config.model.remat=full')
+  # The process itself was shown above: the rest runs the same code path in this process.
+  second = train_in_process(run_command, workdir, data_dir, '--config.total_steps=6', '--config.model.remat=full')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 4' in second.stdout
   assert 'step 2/6' not in second.stdout and 'step 6/6' in second.stdout
@@ -60,7 +72,7 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir):
   assert '6' in os.listdir(workdir / 'checkpoints')
 
   # Finished run: running it again trains nothing more.
-  third = launch(workdir, data_dir, '--config.total_steps=6')
+  third = train_in_process(run_command, workdir, data_dir, '--config.total_steps=6')
   assert third.returncode == 0 and 'is finished' in third.stdout
   assert not re.search(r'step \d+/\d+', third.stdout)  # No step was trained.
 

@@ -10,7 +10,7 @@ _CACHE: dict = {}
 def trained_workdir(config, tmp_path_factory) -> str:
   """The workdir of `config` (the conftest `tiny_config`) trained to its last step; trained once."""
   if 'workdir' not in _CACHE:
-    from vit_jax.training import loop, steps
+    from vit_jax.training import loop
     workdir = str(tmp_path_factory.mktemp('trained_run'))
     config.eval_every_steps = config.checkpoint_every_steps = config.total_steps  # Once, at the end.
     loop.train_and_evaluate(config, workdir)
