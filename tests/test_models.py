@@ -45,7 +45,7 @@ def test_published_parameter_counts(variant):
 
 def test_parameter_names_follow_published_layout():
   model = create_model('tiny/4', 10)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
   assert set(params) == {'embedding', 'cls', 'Transformer', 'head'}
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 32)
   block = params['Transformer']['encoderblock_0']
@@ -61,7 +61,7 @@ def test_forward_shapes_and_intermediates(pool, posemb):
   model = create_model('tiny/4', 7, pool=pool, posemb=posemb)
   images = jax.random.normal(jax.random.key(1), (3, 16, 24, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
-  logits, out = model.apply(variables, images, return_attention=True)
+  logits, out = jax.jit(functools.partial(model.apply, return_attention=True))(variables, images)
   tokens = 4 * 6 + (pool == 'token')
   assert logits.shape == (3, 7)
   assert out['pre_logits'].shape == (3, 32)
@@ -81,9 +81,9 @@ def test_fused_and_reference_attention_agree():
 
   images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
   fused_model = create_model('tiny/4', 10, attention='fused')
-  variables = fused_model.init(jax.random.key(0), images)
-  _, a = fused_model.apply(variables, images)
-  _, b = create_model('tiny/4', 10, attention='reference').apply(variables, images)
+  variables = jax.jit(fused_model.init)(jax.random.key(0), images)
+  _, a = jax.jit(fused_model.apply)(variables, images)
+  _, b = jax.jit(create_model('tiny/4', 10, attention='reference').apply)(variables, images)
   np.testing.assert_allclose(a['encoded'], b['encoded'], rtol=1e-5, atol=1e-5)  # (The fresh head is zero.)
 
 
@@ -179,7 +179,7 @@ def test_model_gradients_equal_on_both_attention_paths():
 
 def test_representation_size_adds_pre_logits():
   model = create_model('tiny/4', 10, representation_size=24)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
   assert params['pre_logits']['kernel'].shape == (32, 24)
   assert params['head']['kernel'].shape == (24, 10)
 
@@ -190,10 +190,10 @@ def test_training_mode_uses_dropout_and_drop_path():
   variables = jax.jit(model.init)(jax.random.key(0), images)
   head = variables['params']['head']
   head['kernel'] = jax.random.normal(jax.random.key(3), head['kernel'].shape)  # Non-zero logits.
-  eval_a, _ = model.apply(variables, images)
-  eval_b, _ = model.apply(variables, images)
-  train_a, _ = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(1)})
-  train_b, _ = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(2)})
+  apply = jax.jit(lambda v, key: model.apply(v, images)[0])
+  train = jax.jit(lambda v, key: model.apply(v, images, train=True, rngs={'dropout': key})[0])
+  eval_a, eval_b = apply(variables, jax.random.key(1)), apply(variables, jax.random.key(2))
+  train_a, train_b = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))
   np.testing.assert_array_equal(eval_a, eval_b)
   assert not np.allclose(train_a, train_b)
 
@@ -203,7 +203,7 @@ def test_bfloat16_compute_keeps_float32_params():
   images = jnp.ones((2, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  logits, out = model.apply(variables, images)
+  logits, out = jax.jit(model.apply)(variables, images)
   assert out['encoded'].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
 
 
@@ -225,7 +225,8 @@ def test_scan_keeps_counts_and_matches_loop():
   scanned = create_model('tiny/4', 7, scan=True, remat=True, **options)
   stacked = stack_blocks(params)
   assert stacked['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape == (2, 32)
-  assert jax.tree.structure(scanned.init(jax.random.key(0), images)['params']) == jax.tree.structure(stacked)
+  assert jax.tree.structure(jax.eval_shape(scanned.init, jax.random.key(0), images)['params']) == (
+      jax.tree.structure(stacked))
   a, out_a = jit_apply(loop, True)(params, images)
   b, out_b = jit_apply(scanned, True)(stacked, images)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
