@@ -21,18 +21,18 @@ FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_se
           'flops_per_image', 'matmul_flops_per_image', 'achieved_flops_per_second',
           'ceiling_flops_per_second', 'mfu', 'peak_memory_bytes', 'peak_memory_source', 'devices',
           'num_params', 'xla_flags', 'jax_version', 'date', 'warmup_steps', 'page_faults_per_step',
-          'host_memory_retained'}
+          'host_memory_retained', 'gelu'}
 
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
 def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
   # Train with a remat policy under nn.scan: the options reach the model.
-  options = ['--scan', '--remat', 'dots_saveable'] if mode == 'train' else []
+  options = ['--scan', '--remat', 'dots_saveable'] if mode == 'train' else ['--gelu', 'exact']
   assert benchmark.main([*TINY, '--mode', mode, *options]) == 0
   result = json.loads(capsys.readouterr().out)
   assert FIELDS <= set(result)
   assert result['mode'] == mode and result['num_params'] > 0
-  assert result['scan'] == (mode == 'train')
+  assert result['scan'] == (mode == 'train') and result['gelu'] == ('tanh' if mode == 'train' else 'exact')
   assert len(result['step_seconds_all']) == 2
   assert result['step_seconds']['min'] <= result['step_seconds']['median'] <= result['step_seconds']['max']
   assert result['images_per_second'] > 0 and 0 < result['mfu']
@@ -57,7 +57,7 @@ def test_analytic_flops_of_b16():
 
 def test_benchmark_text_output_and_bad_flags(capsys):
   result = {'variant': 'tiny/4', 'mode': 'train', 'dtype': 'float32', 'batch_size': 8, 'image_size': 32,
-            'remat': 'none', 'scan': False,
+            'remat': 'none', 'scan': False, 'gelu': 'tanh',
             'attention': 'fused', 'num_params': 1000, 'devices': '8 x cpu', 'images_per_second': 10.0,
             'images_per_second_spread': {'min': 9.0, 'max': 11.0}, 'repeats': 2, 'steps': 1,
             'step_seconds': {'median': 0.8, 'min': 0.7, 'max': 0.9}, 'compile_seconds': 1.5,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.test_models import normal
 from vit_jax import checkpoint
 from vit_jax.models import create_model
 from vit_jax.models.resnet import resnet_conv_flops, resnet_features
@@ -153,7 +154,7 @@ class Features(nn.Module):
 def test_resnet_matches_numpy():
   """Root (7x7/2 StdConv, GroupNorm, 3x3/2 max-pool) and three units (a projecting one, an
   identity one, a strided one) on random parameters, against the formulas in float64."""
-  images = np.asarray(jax.random.normal(jax.random.key(1), (2, 22, 18, 3)))  # Odd sizes: 'SAME' pads.
+  images = np.asarray(normal(1, (2, 22, 18, 3)))  # Odd sizes: 'SAME' pads.
   shapes = jax.eval_shape(Features().init, jax.random.key(0), images)['params']
   leaves, tree = jax.tree.flatten(shapes)
   rng = np.random.default_rng(2)
@@ -265,7 +266,7 @@ def test_hybrid_trains_through_the_launcher(hybrid_config, tmp_path, layout):
   from vit_jax.checkpoint.run import load_workdir
   from vit_jax.tools import attention_maps
   run = load_workdir(workdir)
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  images = normal(0, (2, 32, 32, 3))
   _, out = run.model.apply({'params': run.params}, images, return_attention=True)
   maps = attention_maps.attention_maps(out, run.model, (32, 32))
   assert maps['rollout'].shape == (2, 32, 32) and maps['heads'].shape == (2, 2, 32, 32)

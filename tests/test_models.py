@@ -11,6 +11,12 @@ import pytest
 from vit_jax.models import create_model, parse_variant
 from vit_jax.models.vit import reference_attention, stack_blocks, unstack_blocks
 
+
+def normal(seed: int, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard-normal test data drawn by numpy: jax.random compiles a sampler per shape (~0.3 s each here)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
 # Published counts with a 1000-class head at 224 px (ViT paper / timm / big_vision).
 # g/14 and G/14 (Scaling ViT, Table 2: ~1011M and ~1843M without the head) match
 # timm's vit_giant_patch14_224 / vit_gigantic_patch14_224 (1012.61M / 1844.44M).
@@ -59,7 +65,7 @@ def test_parameter_names_follow_published_layout():
                                          ('gap', 'none')])
 def test_forward_shapes_and_intermediates(pool, posemb):
   model = create_model('tiny/4', 7, pool=pool, posemb=posemb)
-  images = jax.random.normal(jax.random.key(1), (3, 16, 24, 3))
+  images = normal(1, (3, 16, 24, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
   logits, out = jax.jit(functools.partial(model.apply, return_attention=True))(variables, images)
   tokens = 4 * 6 + (pool == 'token')
@@ -74,12 +80,12 @@ def test_forward_shapes_and_intermediates(pool, posemb):
 
 
 def test_fused_and_reference_attention_agree():
-  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 37, 4, 16))
+  q, k, v = normal(0, (3, 2, 5, 37, 4, 16))
   fused = jax.nn.dot_product_attention(q[0], k[0], v[0])
   ref, _ = reference_attention(q[0], k[0], v[0])
   np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-6)
 
-  images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  images = normal(2, (2, 16, 16, 3))
   fused_model = create_model('tiny/4', 10, attention='fused')
   variables = jax.jit(fused_model.init)(jax.random.key(0), images)
   _, a = jax.jit(fused_model.apply)(variables, images)
@@ -91,7 +97,7 @@ def test_kernel_path_matches_the_explicit_path(monkeypatch):
   """Accelerators run 'fused' through jax.nn.dot_product_attention, CPU through
   head_major_attention: same parameters, same function."""
   from vit_jax.models import layers
-  images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  images = normal(2, (2, 16, 16, 3))
   model = create_model('tiny/4', 10, qk_norm=True)
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   _, explicit = jit_apply(model)(params, images)
@@ -109,9 +115,9 @@ def test_kernel_path_matches_the_explicit_path(monkeypatch):
 def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
   """CPU's hand-written attention backward: the gradients of autodiff's, for self- and cross-attention."""
   from vit_jax.models.layers import attention_output, head_major_attention
-  q = jax.random.normal(jax.random.key(0), (2, 3, queries, 16), dtype)
-  k, v = jax.random.normal(jax.random.key(1), (2, 2, 3, keys, 16), dtype)
-  d_out = jax.random.normal(jax.random.key(2), (2, 3, queries, 16), dtype)
+  q = normal(0, (2, 3, queries, 16), dtype)
+  k, v = normal(1, (2, 2, 3, keys, 16), dtype)
+  d_out = normal(2, (2, 3, queries, 16), dtype)
 
   def grads(attention):
     out, vjp = jax.vjp(attention, q, k, v)
@@ -132,10 +138,10 @@ def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
 def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
   """The projections' dot_general on CPU: lax.dot_general's values and gradients."""
   from vit_jax.models.layers import projection_dot_general as dense_dot_general  # CPU: kernels.dense_backward.
-  x = jax.random.normal(jax.random.key(0), x_shape)
-  w = jax.random.normal(jax.random.key(1), w_shape)
+  x = normal(0, x_shape)
+  w = normal(1, w_shape)
   numbers = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
-  g = jax.random.normal(jax.random.key(2), x_shape[:-contract] + w_shape[contract:])
+  g = normal(2, x_shape[:-contract] + w_shape[contract:])
 
   def value_and_grads(dot):
     out, vjp = jax.vjp(lambda x, w: dot(x, w, numbers), x, w)
@@ -143,7 +149,7 @@ def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
   for a, e in zip(value_and_grads(dense_dot_general), value_and_grads(jax.lax.dot_general)):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
   # Other contractions (here a batched one) pass through to lax.dot_general.
-  a, b = jax.random.normal(jax.random.key(3), (2, 5, 8)), jax.random.normal(jax.random.key(4), (2, 8, 4))
+  a, b = normal(3, (2, 5, 8)), normal(4, (2, 8, 4))
   batched = (((2,), (1,)), ((0,), (0,)))
   np.testing.assert_array_equal(dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
 
@@ -186,10 +192,10 @@ def test_representation_size_adds_pre_logits():
 
 def test_training_mode_uses_dropout_and_drop_path():
   model = create_model('tiny/4', 10, dropout_rate=0.5, stochastic_depth=0.5, attention_dropout_rate=0.5)
-  images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  images = normal(2, (4, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
   head = variables['params']['head']
-  head['kernel'] = jax.random.normal(jax.random.key(3), head['kernel'].shape)  # Non-zero logits.
+  head['kernel'] = normal(3, head['kernel'].shape)  # Non-zero logits.
   apply = jax.jit(lambda v, key: model.apply(v, images)[0])
   train = jax.jit(lambda v, key: model.apply(v, images, train=True, rngs={'dropout': key})[0])
   eval_a, eval_b = apply(variables, jax.random.key(1)), apply(variables, jax.random.key(2))
@@ -219,7 +225,7 @@ def test_scan_keeps_counts_and_matches_loop():
   """nn.scan stacks the same parameters; with them stacked, the outputs are the loop's."""
   assert count_params(create_model('G/14', 1000, scan=True), 224) == PUBLISHED_PARAMS['G/14']
   options = dict(pool='map', num_registers=2, qk_norm=True, layerscale=0.1)
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  images = normal(1, (2, 16, 16, 3))
   loop = create_model('tiny/4', 7, **options)
   params = jax.jit(loop.init)(jax.random.key(0), images)['params']
   scanned = create_model('tiny/4', 7, scan=True, remat=True, **options)
@@ -236,10 +242,10 @@ def test_scan_keeps_counts_and_matches_loop():
 
 
 def test_remat_and_scan_train_with_stochastic_depth():
-  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  images = normal(1, (4, 16, 16, 3))
   model = create_model('tiny/4', 10, scan=True, remat=True, stochastic_depth=0.5, dropout_rate=0.1)
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
-  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+  params['head']['kernel'] = normal(3, params['head']['kernel'].shape)
 
   @jax.jit
   def loss(p, key):
@@ -251,7 +257,7 @@ def test_remat_and_scan_train_with_stochastic_depth():
 
 def test_map_head_layout_and_attention():
   model = create_model('tiny/4', 5, pool='map')
-  images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+  images = normal(1, (3, 16, 16, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   head = params['MAPHead_0']
   assert set(head) == {'probe', 'MultiHeadDotProductAttention_0', 'LayerNorm_0', 'MlpBlock_0'}
@@ -270,7 +276,7 @@ def test_map_head_layout_and_attention():
 @pytest.mark.parametrize('pool', ['token', 'gap', 'map'])
 def test_register_tokens_order_and_attention(pool):
   model = create_model('tiny/4', 5, pool=pool, num_registers=3)
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  images = normal(1, (2, 16, 16, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   assert params['registers'].shape == (1, 3, 32)
   # Registers carry no position: the published posemb shape is unchanged.
@@ -285,7 +291,7 @@ def test_register_tokens_order_and_attention(pool):
 
 def test_qk_norm_and_layerscale_parameters():
   model = create_model('tiny/4', 5, qk_norm=True, layerscale=1e-4)
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  images = normal(1, (2, 16, 16, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   block = params['Transformer']['encoderblock_0']
   attention = block['MultiHeadDotProductAttention_1']
@@ -306,8 +312,8 @@ def test_qk_norm_and_layerscale_parameters():
 
 def test_fused_and_reference_agree_on_cross_attention_with_relative_error():
   """The 1e-5 relative bound of the issue, for self- and cross-attention (MAP head shapes)."""
-  q = jax.random.normal(jax.random.key(0), (4, 1, 8, 32))
-  k, v = jax.random.normal(jax.random.key(1), (2, 4, 197, 8, 32))
+  q = normal(0, (4, 1, 8, 32))
+  k, v = normal(1, (2, 4, 197, 8, 32))
   fused = jax.jit(jax.nn.dot_product_attention)(q, k, v)
   ref, weights = jax.jit(reference_attention)(q, k, v)
   assert weights.shape == (4, 8, 1, 197)
@@ -391,11 +397,11 @@ def max_relative(actual, expected):
 def test_default_gelu_is_the_published_models_tanh():
   """One block and the logits of the default model equal the numpy models_vit.py computation
   (tanh GELU) to 1e-5 relative in float32; the exact (erf) GELU is measurably off it."""
-  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  images = normal(1, (2, 16, 16, 3))
   model = create_model('tiny/4', 10)
   assert model.gelu == 'tanh'
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
-  params['head']['kernel'] = jax.random.normal(jax.random.key(3), params['head']['kernel'].shape)
+  params['head']['kernel'] = normal(3, params['head']['kernel'].shape)
   logits, out = jit_apply(model)(params, images)
   expected_logits, expected_blocks = numpy_vit(images, params, 4, 'tanh')
   assert max_relative(out['blocks'][0], expected_blocks[0]) < 1e-5
@@ -432,9 +438,9 @@ def test_unknown_gelu_is_a_clear_error():
 def test_accelerator_attention_backward_matches_autodiff(queries, keys):
   """The backward that GPU/TPU lowerings of `attention_output` take (no CPU barriers): autodiff's gradients."""
   from vit_jax.models.layers import head_major_attention, head_major_attention_backward
-  q = jax.random.normal(jax.random.key(0), (2, 3, queries, 16))
-  k, v = jax.random.normal(jax.random.key(1), (2, 2, 3, keys, 16))
-  d_out = jax.random.normal(jax.random.key(2), (2, 3, queries, 16))
+  q = normal(0, (2, 3, queries, 16))
+  k, v = normal(1, (2, 2, 3, keys, 16))
+  d_out = normal(2, (2, 3, queries, 16))
   out, weights = head_major_attention(q, k, v)
   actual = head_major_attention_backward((q, k, v, weights, out), d_out)
   expected = jax.vjp(lambda q, k, v: head_major_attention(q, k, v)[0], q, k, v)[1](d_out)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.test_models import normal
 from vit_jax.checkpoint.run import Run
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
@@ -23,7 +24,7 @@ def run():
     config.model[key] = None
   model = model_from_config(config)
   params = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 16, 16, 3)))['params']
-  params['head']['kernel'] = jax.random.normal(jax.random.key(4), params['head']['kernel'].shape)  # O(1) logits.
+  params['head']['kernel'] = normal(4, params['head']['kernel'].shape)  # O(1) logits.
   return Run(config, model, params, [str(d) for d in range(10)], step=6)
 
 

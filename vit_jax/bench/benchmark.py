@@ -59,7 +59,7 @@ def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,
                      model_options: Optional[dict[str, Any]] = None):
   """The base config with the benchmark's model, resolution and batch (1000 classes, as ImageNet).
 
-  `model_options` are further `config.model` fields (attention, remat, scan).
+  `model_options` are further `config.model` fields (attention, gelu, remat, scan).
   """
   from vit_jax.config import defaults
   config = defaults.get_config()
@@ -266,7 +266,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   memory, memory_source = workload.peak_memory()
   result = {
       'variant': args.variant, 'mode': args.mode, 'dtype': args.dtype, 'image_size': args.image_size,
-      'batch_size': args.batch_size, 'attention': args.attention, 'remat': args.remat,
+      'batch_size': args.batch_size, 'attention': args.attention, 'gelu': args.gelu, 'remat': args.remat,
       'scan': args.scan, 'steps': args.steps,
       'repeats': args.repeats, 'devices': workload.devices, 'num_params': workload.num_params,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'date': time.strftime('%Y-%m-%d %H:%M'),
@@ -295,7 +295,7 @@ def format_result(r: dict[str, Any]) -> str:
   step = r['step_seconds']
   lines = [
       f'ViT-{r["variant"]} {r["mode"]}, {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
-      f'attention {r["attention"]!r}, remat {r["remat"]!r}, scan {r["scan"]}, '
+      f'attention {r["attention"]!r}, gelu {r["gelu"]!r}, remat {r["remat"]!r}, scan {r["scan"]}, '
       f'{r["num_params"]:,} params on {r["devices"]}',
       f'images/s: {r["images_per_second"]:.2f} (min {r["images_per_second_spread"]["min"]:.2f}, '
       f'max {r["images_per_second_spread"]["max"]:.2f})',
@@ -341,7 +341,7 @@ def parse_remat(value: str):
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
   """The `config.model` fields that the command line sets."""
-  return {'attention': args.attention, 'remat': args.remat, 'scan': args.scan}
+  return {'attention': args.attention, 'gelu': args.gelu, 'remat': args.remat, 'scan': args.scan}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -355,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mode', default='train', choices=MODES,
                  help='train: the optimizer step; inference: the forward pass (default train)')
   p.add_argument('--attention', default='fused', choices=('fused', 'reference'), help='config.model.attention')
+  p.add_argument('--gelu', default='tanh', choices=('tanh', 'exact'),
+                 help="config.model.gelu: 'tanh' as the published JAX models (default), 'exact' as timm")
   p.add_argument('--remat', default='none', type=parse_remat,
                  help="config.model.remat: none, full, or a policy name, e.g. dots_saveable (default none)")
   p.add_argument('--scan', action='store_true', help='config.model.scan: one nn.scan over the blocks')

@@ -168,7 +168,9 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
   fields = parse_variant(variant)
   common = ['--variant', variant, '--mode', mode, '--batch_size', str(args.batch_size),
             '--image_size', str(args.image_size), '--dtype', args.dtype, '--steps', str(args.steps)]
-  jax_options = [] if args.cpu_devices is None else ['--cpu_devices', str(args.cpu_devices)]
+  jax_options = ['--gelu', args.gelu]
+  if args.cpu_devices is not None:
+    jax_options += ['--cpu_devices', str(args.cpu_devices)]
   options = {'model': timm_model_options(fields, args.image_size), 'batch_size': args.batch_size,
              'mode': mode, 'dtype': args.dtype, 'steps': args.steps}
   # One side at a time while building, so that neither compiles during the other's warm-up.
@@ -233,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--batch_size', type=int, default=8)
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--gelu', default='tanh', choices=('tanh', 'exact'),
+                 help="vit_jax's config.model.gelu (timm's GELU is the exact one)")
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
   p.add_argument('--repeats', type=int, default=5, help='timed runs of each side (default 5)')
   p.add_argument('--timm_python', default=None,
