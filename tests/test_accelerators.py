@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from vit_jax.config import defaults
 from vit_jax.cpu import hostmem, kernels
-from vit_jax.models import layers
+from vit_jax.models import attention
 from vit_jax.models.variants import attention_implementation
 
 # What only a CPU lowering may hold: the barriers of the XLA:CPU backward rules, and
@@ -73,7 +73,7 @@ def test_train_and_eval_steps_export_for_gpu_and_tpu(dtype):
       assert exported.platforms == (platform,) and exported.nr_devices == 8
       for marker in CPU_MARKERS:
         assert marker not in text, f'{name} step for {platform} holds CPU-only code ({marker})'
-      if not layers.cudnn_installed():
+      if not attention.cudnn_installed():
         assert 'cudnn' not in text  # XLA's attention, the only one traceable here.
       shardings = exported.in_shardings_jax(mesh)[:num_state]
       state_specs = expected if name == 'train' else [
@@ -96,7 +96,7 @@ def test_startup_line_names_the_attention_that_runs():
   config = b16_config('bfloat16')
   assert 'XLA:CPU backward of vit_jax/cpu/kernels.py' in attention_implementation(config, 'cpu')
   gpu = attention_implementation(config, 'gpu')
-  if layers.cudnn_installed():
+  if attention.cudnn_installed():
     assert "implementation='cudnn'" in gpu
   else:
     assert 'not cuDNN: cuDNN is not installed (pip install -e .[cuda12])' in gpu
@@ -106,9 +106,9 @@ def test_startup_line_names_the_attention_that_runs():
       'attention on tpu: XLA: explicit softmax attention on head-major operands')
   # Which operands cuDNN's flash attention takes (every ViT size's head_dim: 64, 80, 88, 104).
   for head_dim in (64, 80, 88, 104):
-    assert layers.cudnn_unsupported(jnp.bfloat16, head_dim, 197, 197) is None
-  assert 'head_dim' in layers.cudnn_unsupported(jnp.float16, 100, 197, 197)
-  assert layers.cudnn_unsupported(jnp.bfloat16, 64, 1, 197) == 'cross-attention stays on XLA'
+    assert attention.cudnn_unsupported(jnp.bfloat16, head_dim, 197, 197) is None
+  assert 'head_dim' in attention.cudnn_unsupported(jnp.float16, 100, 197, 197)
+  assert attention.cudnn_unsupported(jnp.bfloat16, 64, 1, 197) == 'cross-attention stays on XLA'
 
 
 @pytest.mark.parametrize('environ,expected', [

@@ -96,12 +96,12 @@ def test_fused_and_reference_attention_agree():
 def test_kernel_path_matches_the_explicit_path(monkeypatch):
   """Accelerators run 'fused' through jax.nn.dot_product_attention, CPU through
   head_major_attention: same parameters, same function."""
-  from vit_jax.models import layers
+  from vit_jax.models import attention
   images = normal(2, (2, 16, 16, 3))
   model = create_model('tiny/4', 10, qk_norm=True)
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   _, explicit = jit_apply(model)(params, images)
-  monkeypatch.setattr(layers, 'use_fused_kernel',
+  monkeypatch.setattr(attention, 'use_fused_kernel',
                       lambda implementation, return_weights, use_dropout: not (return_weights or use_dropout))
   kernel_params = jax.jit(model.init)(jax.random.key(0), images)['params']
   jax.tree.map(np.testing.assert_array_equal, kernel_params, params)  # Same names, shapes and values.
@@ -114,7 +114,7 @@ def test_kernel_path_matches_the_explicit_path(monkeypatch):
 @pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
 def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
   """CPU's hand-written attention backward: the gradients of autodiff's, for self- and cross-attention."""
-  from vit_jax.models.layers import attention_output, head_major_attention
+  from vit_jax.models.attention import attention_output, head_major_attention
   q = normal(0, (2, 3, queries, 16), dtype)
   k, v = normal(1, (2, 2, 3, keys, 16), dtype)
   d_out = normal(2, (2, 3, queries, 16), dtype)
@@ -437,7 +437,7 @@ def test_unknown_gelu_is_a_clear_error():
 @pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
 def test_accelerator_attention_backward_matches_autodiff(queries, keys):
   """The backward that GPU/TPU lowerings of `attention_output` take (no CPU barriers): autodiff's gradients."""
-  from vit_jax.models.layers import head_major_attention, head_major_attention_backward
+  from vit_jax.models.attention import head_major_attention, head_major_attention_backward
   q = normal(0, (2, 3, queries, 16))
   k, v = normal(1, (2, 2, 3, keys, 16))
   d_out = normal(2, (2, 3, queries, 16))

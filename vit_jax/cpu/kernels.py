@@ -1,7 +1,7 @@
 """Backward passes written out for XLA:CPU: the same gradients, faster on CPU.
 
 These are speed code for one platform, kept apart from the model's math
-(vit_jax/models/layers.py). The model's custom VJPs call them in the CPU
+(vit_jax/models/attention.py and layers.py). The model's custom VJPs call them in the CPU
 branch of `lax.platform_dependent`, so only a program lowered for CPU holds
 them (tests/test_accelerators.py checks a GPU/TPU export has none of this
 file's code). Each rule's gradients equal autodiff's up to float rounding

@@ -138,7 +138,7 @@ def attention_implementation(config, platform: Optional[str] = None) -> str:
   a bfloat16 B/16 on GPU, and why XLA's runs where cuDNN cannot.
   """
   import jax  # Local, as above.
-  from vit_jax.models.layers import describe_attention
+  from vit_jax.models.attention import describe_attention
 
   model = model_from_config(config)
   platform = platform or jax.default_backend()

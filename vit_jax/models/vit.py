@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models.attention import reference_attention
 from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
-                                   MultiHeadDotProductAttention, drop_path, reference_attention,
-                                   sincos_2d_posemb)
+                                   MultiHeadDotProductAttention, drop_path, sincos_2d_posemb)
 from vit_jax.models.resnet import resnet_features, resnet_stride
 
 __all__ = ['REMAT_POLICIES', 'Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
