@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from vit_jax.bench import benchmark
+from vit_jax.bench import benchmark, workload
 from vit_jax.bench import side_by_side as benchmark_timm
 from vit_jax.models import create_model
 
@@ -21,7 +21,7 @@ FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_se
           'flops_per_image', 'matmul_flops_per_image', 'achieved_flops_per_second',
           'ceiling_flops_per_second', 'mfu', 'peak_memory_bytes', 'peak_memory_source', 'devices',
           'num_params', 'xla_flags', 'jax_version', 'date', 'warmup_steps', 'page_faults_per_step',
-          'host_memory_retained', 'gelu'}
+          'host_memory_retained', 'gelu', 'loop'}
 
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
@@ -37,7 +37,7 @@ def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
   assert result['step_seconds']['min'] <= result['step_seconds']['median'] <= result['step_seconds']['max']
   assert result['images_per_second'] > 0 and 0 < result['mfu']
   assert result['peak_memory_bytes'] > 0
-  assert 1 <= result['warmup_steps'] <= benchmark.MAX_WARMUP_STEPS
+  assert 1 <= result['warmup_steps'] <= workload.MAX_WARMUP_STEPS
   assert len(result['page_faults_per_step']) == 2 and min(result['page_faults_per_step']) >= 0
   # XLA counts the whole program (softmax, GELU, LayerNorm, the optimizer);
   # the analytic count only the products. Same order of magnitude, XLA's above.
@@ -47,12 +47,34 @@ def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
       result['flops_per_image'] * result['images_per_second'])
 
 
+def test_the_library_loop_is_a_notebook_step_on_the_public_api():
+  """`--loop library` times create_model + optax + jax.jit, which trains, with the launcher's model."""
+  import jax
+  import numpy as np
+
+  from vit_jax.bench import notebook
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+           'label': rng.integers(0, 1000, 8).astype(np.int32)}
+  program = notebook.build('tiny/4', 32, batch, 'float32', 'train')
+  state, losses = program.state, []
+  for step in range(30):  # One batch, learnt by heart: the loss falls (in the warm-up, slowly).
+    state, loss = program.function(state, batch, jax.random.fold_in(program.rng, step))
+    losses.append(float(loss))
+  assert losses[0] == pytest.approx(np.log(1000), rel=1e-4)  # The zero-initialised head.
+  assert all(b < a for a, b in zip(losses[1:], losses[2:])) and losses[-1] < losses[0] - 0.1, losses
+  # The whole workload as `--loop library` times it: the notebook's model, one device.
+  timed = workload.Workload('tiny/4', 32, 8, loop='library')
+  assert timed.devices.startswith('1 x') and timed.run(1) > 0
+  assert timed.num_params == sum(x.size for x in jax.tree.leaves(program.state.params))
+
+
 def test_analytic_flops_of_b16():
   """The published ViT-B/16 forward cost: 17.6 GFLOPs as multiply-adds, i.e. ~35 G operations."""
   model = create_model('B/16', 1000)
-  forward = benchmark.matmul_flops_per_image(model, 224, 'inference')
+  forward = workload.matmul_flops_per_image(model, 224, 'inference')
   assert forward / 2 == pytest.approx(17.56e9, rel=0.01)
-  assert benchmark.matmul_flops_per_image(model, 224, 'train') == pytest.approx(3 * forward, rel=0.01)
+  assert workload.matmul_flops_per_image(model, 224, 'train') == pytest.approx(3 * forward, rel=0.01)
 
 
 def test_benchmark_text_output_and_bad_flags(capsys):
@@ -88,10 +110,13 @@ def test_side_by_side_rows_and_table():
   row['vit_jax_devices'] = '2 x cpu'  # As compare() adds it from the worker.
   faster = benchmark_timm.make_row('Ti/16', 'inference', 8, [0.5], [1.0])
   table = benchmark_timm.format_table([row, faster]).splitlines()
+  row.update(loop='library', vit_jax_peak_rss_bytes=3 * 2**29, timm_peak_rss_bytes=2**30)
   assert len(table) == 4 and 'vit_jax/timm' in table[0] and 'jax devices' in table[0]
-  assert table[2].split()[:6] == ['B/16', 'train', '8', '2.00', '5.00', '0.40x']
-  assert table[2].split()[-1] == '2'
-  assert table[3].split()[5:] == ['2.00x', '-', '-', '-']  # No FLOP count or devices given.
+  table = benchmark_timm.format_table([row, faster]).splitlines()
+  assert table[2].split()[:7] == ['B/16', 'train', 'library', '8', '2.00', '5.00', '0.40x']
+  assert table[2].split()[-2:] == ['2', '1.50/1.00']  # Devices; peak RSS in GiB of each side.
+  # No loop (the launcher's), FLOP count, devices or memory given.
+  assert table[3].split()[2] == 'launcher' and table[3].split()[6:] == ['2.00x', '-', '-', '-', '-/-']
   options = benchmark_timm.timm_model_options(
       dict(hidden_size=192, num_layers=12, mlp_dim=768, num_heads=3, patch_size=16), 224)
   assert options == dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
@@ -109,7 +134,7 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
       for line in sys.stdin:
         if line.strip() != 'run':
           break
-        print(json.dumps({{'seconds': 0.5}}), flush=True)
+        print(json.dumps({{'seconds': 0.5, 'peak_rss_bytes': 2**20}}), flush=True)
       '''))
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
   env = os.environ.copy()
@@ -117,11 +142,16 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
     os.environ['XLA_FLAGS'] = ''
     assert benchmark_timm.main(['--variants', 'tiny/4', '--modes', 'inference', '--image_size', '32',
                                 '--steps', '2', '--repeats', '3', '--timm_python', str(fake),
-                                '--cpu_devices', '2', '--json']) == 0
+                                '--cpu_devices', '2', '--loops', 'launcher,library-plain', '--json']) == 0
   finally:
     os.environ.clear()
     os.environ.update(env)
-  row = json.loads(capsys.readouterr().out)
+  row, library = map(json.loads, capsys.readouterr().out.splitlines())
+  # A notebook's own forward pass, in a worker without the README's host-memory call.
+  assert library['loop'] == 'library-plain' and library['vit_jax_host_memory_retained'] is False
+  assert library['vit_jax_num_params'] == row['vit_jax_num_params'] and library['ratio'] > 0
+  assert row['loop'] == 'launcher' and row['vit_jax_host_memory_retained'] is True
+  assert row['timm_peak_rss_bytes'] == 2**20 and row['vit_jax_peak_rss_bytes'] > 2**27
   assert row['timm_step_seconds']['median'] == 0.25  # 0.5 s per run of 2 steps.
   assert row['timm_images_per_second'] == 32.0 and row['torch'] == 'fake'
   assert row['vit_jax_images_per_second'] > 0 and row['vit_jax_flops_per_second'] > 0

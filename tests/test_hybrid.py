@@ -48,8 +48,8 @@ def test_summary_prints_the_published_count_with_the_resnet_first():
   gflops = float(lines[-2].split('GFLOPs per image: ')[1].split()[0])
   assert 40 < gflops < 46  # B/16's 35.3 plus about 8 for the ResNet's convolutions.
   # The benchmark's analytic count (convolutions and matmuls only) is a little below XLA's.
-  from vit_jax.bench import benchmark
-  analytic = benchmark.matmul_flops_per_image(create_model('R50+B/16', 1000), 224, 'inference') / 1e9
+  from vit_jax.bench import workload
+  analytic = workload.matmul_flops_per_image(create_model('R50+B/16', 1000), 224, 'inference') / 1e9
   assert 0.97 * gflops < analytic <= gflops
 
 

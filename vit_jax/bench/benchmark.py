@@ -3,11 +3,12 @@
   vit-jax benchmark --variant B/16 --batch_size 8 [--mode train|inference]
       [--dtype float32|bfloat16] [--image_size 224] [--steps 3] [--repeats 5]
       [--remat none|full|dots_saveable|...] [--scan] [--cpu_devices N]
-      [--xla_flags='--flag=value ...'] [--json]
+      [--xla_flags='--flag=value ...'] [--loop launcher|library] [--json]
 
 Builds the train step exactly as training does (`vit_jax.training.setup`: the model of
 `config.model`, AdamW with clipping from `vit_jax.training.optim`, donated state, one
-jit over the device mesh) on synthetic data, compiles it once, warms it up
+jit over the device mesh) on synthetic data (`--loop library`: a notebook's own
+step on the public API instead, vit_jax/bench/notebook.py), compiles it once, warms it up
 (single steps until one no longer faults host memory in: at most 6), then
 times `--repeats` runs of `--steps` steps each. After each run it
 times square matmuls of the same dtype (`--ceiling_sizes`; the fastest of
@@ -32,212 +33,19 @@ the launcher does, so the step runs with the launcher's host-memory settings.
 
 import argparse
 import json
-import math
 import os
-import resource
 import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
 
+from vit_jax.bench.workload import DTYPES, LOOPS, MODES, MatmulCeiling, Workload, peak_rss_bytes
 from vit_jax.cpu import hostmem
 from vit_jax.errors import ArgumentParser
 
 # train imports TensorFlow (input pipeline), which the benchmark never runs: keep it quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # Only silences TF's start-up notice.
-
-MODES = ('train', 'inference')
-DTYPES = ('float32', 'bfloat16')
-# Warm-up runs single steps until one faults in fewer than SETTLED_PAGE_FAULTS
-# pages (16 MiB of 4 KiB pages), at most MAX_WARMUP_STEPS of them.
-SETTLED_PAGE_FAULTS = 4096
-MAX_WARMUP_STEPS = 6
-
-
-def benchmark_config(variant: str, image_size: int, batch_size: int, dtype: str,
-                     model_options: Optional[dict[str, Any]] = None):
-  """The base config with the benchmark's model, resolution and batch (1000 classes, as ImageNet).
-
-  `model_options` are further `config.model` fields (attention, gelu, remat, scan).
-  """
-  from vit_jax.config import defaults
-  config = defaults.get_config()
-  config.model.variant = variant
-  config.model.dtype = dtype
-  for key, value in (model_options or {}).items():
-    config.model[key] = value
-  config.input.image_size = image_size
-  config.batch_size = batch_size
-  config.eval_batch_size = batch_size
-  config.dataset.num_classes = 1000
-  config.total_steps = 10_000  # Keeps the learning rate in its warm-up/cosine range; no effect on speed.
-  return config
-
-
-def matmul_flops_per_image(model, image_size, mode: str) -> float:
-  """Analytic FLOPs of the model's matrix products for one image (a multiply-add counts 2).
-
-  A hybrid's ResNet convolutions, the patch embedding, per block the
-  q/k/v/out projections, q k^T, the weighted sum of values and the two MLP
-  layers, then the head. Training is the forward pass plus twice its work for
-  the two gradients of each product, except the first layer's gradient with
-  respect to the images, which is never computed. Element-wise work
-  (softmax, GELU, LayerNorm, GroupNorm, the optimizer) is left out; XLA's
-  count includes it.
-  """
-  from vit_jax.config.sizes import image_hw
-  from vit_jax.models.resnet import resnet_conv_flops
-  d, m, p = model.hidden_size, model.mlp_dim, model.patch_size
-  height, width = image_hw(image_size)
-  gh, gw = model.token_grid(height, width)
-  n = gh * gw + model.num_prefix_tokens
-  channels, resnet, first = 3, 0.0, None
-  if model.resnet_stages is not None:
-    stages = tuple(model.resnet_stages)
-    resnet, first = resnet_conv_flops(height, width, stages, model.resnet_width)
-    channels = model.resnet_width * (4 * 2 ** (len(stages) - 1) if stages else 1)
-  embed = 2 * gh * gw * p * p * channels * d
-  block = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
-  forward = resnet + embed + model.num_layers * block + 2 * d * model.num_classes
-  return float(forward if mode == 'inference' else 3 * forward - (embed if first is None else first))
-
-
-def program(run, mode: str, state, batch, rng) -> tuple[Callable, tuple]:
-  """(jitted function, its arguments) that `mode` times: the train step, or the forward pass."""
-  import jax
-  if mode == 'train':
-    return run.step_fn, (state, batch, rng)
-  forward = jax.jit(lambda params, images: run.model.apply({'params': params}, images)[0],
-                    in_shardings=(run.state_sharding.params, run.batch_sharding))
-  return forward, (state.params, batch['image'])
-
-
-def cost_flops(stage) -> float:
-  """XLA's FLOP count of a lowered or compiled program (a multiply-add counts 2)."""
-  cost = stage.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
-
-
-class Workload:
-  """The compiled train step (or forward pass) with its state and batch, ready to time."""
-
-  def __init__(self, variant: str, image_size: int, batch_size: int, dtype: str = 'float32',
-               mode: str = 'train', model_options: Optional[dict[str, Any]] = None):
-    import jax
-    import numpy as np
-
-    from vit_jax.training import sharding
-    from vit_jax.training import setup as setup_lib
-
-    if mode not in MODES:
-      raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
-    self.mode, self.batch_size = mode, batch_size
-    config = benchmark_config(variant, image_size, batch_size, dtype, model_options)
-    mesh = sharding.make_mesh(config)
-    run = setup_lib.setup(config, mesh)  # The real model, optimizer and jitted (donating) train step.
-    self.model = run.model
-    rng = np.random.default_rng(0)
-    from vit_jax.config.sizes import image_hw
-    images = rng.uniform(-1, 1, (batch_size, *image_hw(image_size), 3)).astype(np.float32)
-    labels = rng.integers(0, 1000, batch_size).astype(np.int32)
-    self.batch = sharding.global_batch({'image': images, 'label': labels}, run.batch_sharding)
-    self.state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(jax.random.key(0))
-    self.rng = jax.random.key(1)
-    function, args = program(run, mode, self.state, self.batch, self.rng)
-    start = time.perf_counter()
-    self.compiled = function.lower(*args).compile()
-    self.compile_seconds = time.perf_counter() - start
-    self.flops_per_image = cost_flops(self.compiled) * jax.device_count() / batch_size
-    options = model_options or {}
-    if options.get('scan') or options.get('remat') not in (None, False, 'none'):
-      # XLA counts a loop body once, not once per layer, and recomputation is
-      # not the model's work: count the plain program (lowered, not compiled).
-      # Before partitioning, the lowered program is the whole batch's.
-      plain = setup_lib.setup(benchmark_config(variant, image_size, batch_size, dtype,
-                                           {**options, 'scan': False, 'remat': False}), mesh)
-      state = sharding.placed(plain.abstract_state, plain.state_sharding)
-      batch = sharding.placed(jax.eval_shape(lambda: self.batch),
-                              {'image': plain.batch_sharding, 'label': plain.batch_sharding})
-      function, args = program(plain, mode, state, batch, jax.eval_shape(lambda: self.rng))
-      self.flops_per_image = cost_flops(function.lower(*args)) / batch_size
-    self.matmul_flops_per_image = matmul_flops_per_image(run.model, image_size, mode)
-    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
-    self.devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    # Warm-up: first-call allocations, thread-pool start-up, and the host heap
-    # growing to the program's peak (steps fault pages in until it has).
-    self.warmup_steps = 0
-    while self.warmup_steps < MAX_WARMUP_STEPS:
-      self.run(1)
-      self.warmup_steps += 1
-      if self.page_faults < SETTLED_PAGE_FAULTS:
-        break
-
-  def run(self, steps: int) -> float:
-    """Runs `steps` steps and returns the seconds they took, waiting for the device at the end.
-
-    Also sets `page_faults`: the process's minor page faults per step during
-    the run (memory the host allocator had to fault in; see vit_jax/hostmem.py).
-    """
-    import jax
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    if self.mode == 'train':
-      for _ in range(steps):
-        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-      jax.block_until_ready((self.state, metrics))
-    else:
-      for _ in range(steps):
-        logits = self.compiled(self.state.params, self.batch['image'])
-      jax.block_until_ready(logits)
-    seconds = time.perf_counter() - start
-    self.page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
-    return seconds
-
-  def peak_memory(self) -> tuple[Optional[int], str]:
-    """(bytes, source): the device's own peak where it reports one, else the compiled program's plan."""
-    import jax
-    stats = jax.devices()[0].memory_stats()
-    if stats and 'peak_bytes_in_use' in stats:
-      return int(stats['peak_bytes_in_use']), 'device.memory_stats peak_bytes_in_use'
-    analysis = self.compiled.memory_analysis()
-    if analysis is None:
-      return None, 'unavailable'
-    planned = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-    return int(planned), 'compiled.memory_analysis (arguments + outputs + temporaries - donated), per device'
-
-
-class MatmulCeiling:
-  """Times square products of `dtype`, one per size: the fastest is what matmuls reach here.
-
-  Several sizes because no single one is best everywhere: on a 2-core AVX2 CPU
-  1024..2048 reach the cores' FMA peak while 4096 falls ~10% short (its
-  operands spill out of cache); on a GPU the larger sizes win.
-  """
-
-  def __init__(self, dtype: str = 'float32', sizes: tuple[int, ...] = (1024, 2048, 4096)):
-    import jax
-    import jax.numpy as jnp
-    self.products = []  # (flops, compiled, args) per size.
-    for size in sizes:
-      a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
-      args = (a, a.T + 1)
-      compiled = jax.jit(jnp.matmul).lower(*args).compile()
-      jax.block_until_ready(compiled(*args))
-      self.products.append((2.0 * size**3, compiled, args))
-
-  def flops_per_second(self, calls: int = 2) -> float:
-    """The best FLOP/s of any size, each timed `calls` times."""
-    import jax
-    best = 0.0
-    for flops, compiled, args in self.products:
-      for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = max(best, flops / (time.perf_counter() - start))
-    return best
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -249,7 +57,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   """Builds, warms up and times the workload of `args`; returns the result record."""
   import jax
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      model_options(args))
+                      model_options(args), args.loop)
   sizes = tuple(int(size) for size in args.ceiling_sizes.split(',') if size.strip() and int(size))
   ceiling = MatmulCeiling(args.dtype, sizes) if sizes else None
   step_seconds, ceilings, page_faults = [], [], []
@@ -266,8 +74,8 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   memory, memory_source = workload.peak_memory()
   result = {
       'variant': args.variant, 'mode': args.mode, 'dtype': args.dtype, 'image_size': args.image_size,
-      'batch_size': args.batch_size, 'attention': args.attention, 'gelu': args.gelu, 'remat': args.remat,
-      'scan': args.scan, 'steps': args.steps,
+      'batch_size': args.batch_size, 'loop': args.loop, 'attention': args.attention, 'gelu': args.gelu,
+      'remat': args.remat, 'scan': args.scan, 'steps': args.steps,
       'repeats': args.repeats, 'devices': workload.devices, 'num_params': workload.num_params,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'date': time.strftime('%Y-%m-%d %H:%M'),
       'images_per_second': images_per_second,
@@ -280,7 +88,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
       'matmul_flops_per_image': workload.matmul_flops_per_image,
       'achieved_flops_per_second': achieved,
       'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
-      'process_peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      'process_peak_rss_bytes': peak_rss_bytes(),
       'jax_version': jax.__version__,
   }
   if ceilings:
@@ -294,7 +102,7 @@ def format_result(r: dict[str, Any]) -> str:
   """Human-readable lines of a result record."""
   step = r['step_seconds']
   lines = [
-      f'ViT-{r["variant"]} {r["mode"]}, {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
+      f'ViT-{r["variant"]} {r["mode"]} ({r.get("loop", "launcher")} loop), {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
       f'attention {r["attention"]!r}, gelu {r["gelu"]!r}, remat {r["remat"]!r}, scan {r["scan"]}, '
       f'{r["num_params"]:,} params on {r["devices"]}',
       f'images/s: {r["images_per_second"]:.2f} (min {r["images_per_second_spread"]["min"]:.2f}, '
@@ -322,16 +130,18 @@ def format_result(r: dict[str, Any]) -> str:
 def serve(args: argparse.Namespace) -> None:
   """Worker loop: build once, print a JSON line, then one timed run per `run` line on stdin."""
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      model_options(args))
+                      model_options(args), args.loop)
   print(json.dumps({'ready': True, 'compile_seconds': workload.compile_seconds,
                     'flops_per_image': workload.flops_per_image,
                     'matmul_flops_per_image': workload.matmul_flops_per_image,
-                    'num_params': workload.num_params, 'devices': workload.devices}), flush=True)
+                    'num_params': workload.num_params, 'devices': workload.devices,
+                    'host_memory_retained': hostmem.retaining()}), flush=True)
   for line in sys.stdin:
     if line.strip() != 'run':
       break
     seconds = workload.run(args.steps)
-    print(json.dumps({'seconds': seconds, 'page_faults': workload.page_faults}), flush=True)
+    print(json.dumps({'seconds': seconds, 'page_faults': workload.page_faults,
+                      'peak_rss_bytes': peak_rss_bytes()}), flush=True)
 
 
 def parse_remat(value: str):
@@ -354,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='compute dtype; params stay float32')
   p.add_argument('--mode', default='train', choices=MODES,
                  help='train: the optimizer step; inference: the forward pass (default train)')
+  p.add_argument('--loop', default='launcher', choices=LOOPS,
+                 help="launcher: the train step of vit_jax.training (default); library: a notebook's own "
+                      'step on the public API (create_model, optax, jax.jit; vit_jax/bench/notebook.py)')
   p.add_argument('--attention', default='fused', choices=('fused', 'reference'), help='config.model.attention')
   p.add_argument('--gelu', default='tanh', choices=('tanh', 'exact'),
                  help="config.model.gelu: 'tanh' as the published JAX models (default), 'exact' as timm")

@@ -1,21 +1,23 @@
 """Side by side: vit_jax's train step (or forward pass) against timm's ViT on PyTorch.
 
   vit-jax benchmark-timm --variants Ti/16,S/16,B/16 --modes train,inference \
-      [--batch_size 8] [--image_size 224] [--dtype float32] [--steps 3] [--repeats 5] \
-      [--timm_python PATH] [--json]
+      [--loops launcher,library,library-plain] [--batch_size 8] [--image_size 224] \
+      [--dtype float32] [--steps 3] [--repeats 5] [--timm_python PATH] [--json]
 
 PyTorch and timm are never needed by vit_jax itself. The torch side runs in
 the python that `--timm_python` or $TIMM_PYTHON names (a venv of its own),
 or else in this one when it has torch and timm (`pip install -e .[bench]`);
 that python runs this file as a worker script.
-For each variant and mode, two worker processes are built and warmed up once:
+For each variant, mode and loop, two worker processes are built and warmed up once:
 `vit-jax benchmark --serve` (the real jitted train step, as
-`vit_jax.bench.benchmark` times it) and timm's `VisionTransformer` of the same
+`vit_jax.bench.benchmark` times it, or with `--loops library` a notebook's
+own step on the public API, vit_jax/bench/notebook.py) and timm's `VisionTransformer` of the same
 width, depth, heads, patch, resolution and 1000 classes, trained by AdamW with
 gradient-norm clipping at 1.0 as vit_jax's default optimizer. Their timed runs
 then alternate (A B, B A, A B, ...), so a change in the machine's load hits
 both sides alike. Each row gives images/s of both (median over the runs) and
-the ratio vit_jax / timm: above 1 means vit_jax is faster.
+the ratio vit_jax / timm: above 1 means vit_jax is faster, and each side's
+peak resident memory (the worker process's ru_maxrss).
 
 This module imports only the standard library at the top: the timm worker
 runs it with a python that has no JAX, and the tests import it without torch.
@@ -31,6 +33,20 @@ import time
 from typing import Any, Optional
 
 TIMM_PYTHON_ENV = 'TIMM_PYTHON'
+
+
+# What the vit_jax side runs: the launcher's train step, or a notebook's own step on
+# the public API with and without the README's one call for CPU
+# (vit_jax.cpu.hostmem.retain_freed_memory, which `vit-jax benchmark` makes unless
+# VIT_JAX_RETAIN_HOST_MEMORY=0).
+LOOPS = {'launcher': ('launcher', {}), 'library': ('library', {}),
+         'library-plain': ('library', {'VIT_JAX_RETAIN_HOST_MEMORY': '0'})}
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------- the rows
@@ -57,16 +73,19 @@ def make_row(variant: str, mode: str, batch_size: int, jax_seconds: list[float],
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   """A fixed-width text table of `make_row` rows, one line each."""
-  header = (f'{"variant":<9} {"mode":<10} {"batch":>5} {"vit_jax img/s":>14} {"timm img/s":>11} '
-            f'{"vit_jax/timm":>13} {"vit_jax GF/s":>13} {"timm GF/s":>10} {"jax devices":>11}')
+  header = (f'{"variant":<9} {"mode":<10} {"loop":<13} {"batch":>5} {"vit_jax img/s":>14} '
+            f'{"timm img/s":>11} {"vit_jax/timm":>13} {"vit_jax GF/s":>13} {"timm GF/s":>10} '
+            f'{"jax devices":>11} {"peak RSS GiB vit_jax/timm":>26}')
   lines = [header, '-' * len(header)]
   for r in rows:
     gflops = [f'{r[k] / 1e9:.1f}' if k in r else '-' for k in
               ('vit_jax_flops_per_second', 'timm_flops_per_second')]
-    lines.append(f'{r["variant"]:<9} {r["mode"]:<10} {r["batch_size"]:>5} '
+    rss = '/'.join(f'{r[k] / 2**30:.2f}' if r.get(k) else '-' for k in
+                   ('vit_jax_peak_rss_bytes', 'timm_peak_rss_bytes'))
+    lines.append(f'{r["variant"]:<9} {r["mode"]:<10} {r.get("loop", "launcher"):<13} {r["batch_size"]:>5} '
                  f'{r["vit_jax_images_per_second"]:>14.2f} {r["timm_images_per_second"]:>11.2f} '
                  f'{r["ratio"]:>12.2f}x {gflops[0]:>13} {gflops[1]:>10} '
-                 f'{str(r.get("vit_jax_devices", "-")).split(" x ")[0]:>11}')
+                 f'{str(r.get("vit_jax_devices", "-")).split(" x ")[0]:>11} {rss:>26}')
   return '\n'.join(lines)
 
 
@@ -122,7 +141,8 @@ def timm_worker(options: dict[str, Any]) -> None:
     start = time.perf_counter()
     for _ in range(steps):
       step()  # Eager CPU execution: each call has finished when it returns.
-    print(json.dumps({'seconds': time.perf_counter() - start}), flush=True)
+    print(json.dumps({'seconds': time.perf_counter() - start, 'peak_rss_bytes': peak_rss_bytes()}),
+          flush=True)
 
 
 # ---------------------------------------------------------------- the parent
@@ -130,9 +150,10 @@ def timm_worker(options: dict[str, Any]) -> None:
 class Worker:
   """A benchmark worker process that prints a ready line, then answers `run` with one timed run."""
 
-  def __init__(self, command: list[str], name: str):
+  def __init__(self, command: list[str], name: str, env: Optional[dict[str, str]] = None):
     self.name = name
-    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env=None if env is None else {**os.environ, **env})
     self.info = self._read()
     self.replies: list[dict[str, Any]] = []  # One per timed run.
 
@@ -159,8 +180,8 @@ class Worker:
       self.process.wait()
 
 
-def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-  """Builds both workers for one (variant, mode), alternates their timed runs; returns the row."""
+def compare(variant: str, mode: str, args: argparse.Namespace, loop: str = 'launcher') -> dict[str, Any]:
+  """Builds both workers for one (variant, mode, loop), alternates their timed runs; returns the row."""
   from vit_jax.models.variants import HYBRIDS, parse_variant
   if variant in HYBRIDS:  # timm's VisionTransformer has no ResNet stem: it would time another model.
     raise ValueError(f'--variants has the hybrid {variant!r}; the side-by-side compares plain ViTs only '
@@ -168,14 +189,15 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
   fields = parse_variant(variant)
   common = ['--variant', variant, '--mode', mode, '--batch_size', str(args.batch_size),
             '--image_size', str(args.image_size), '--dtype', args.dtype, '--steps', str(args.steps)]
-  jax_options = ['--gelu', args.gelu]
+  jax_loop, jax_env = LOOPS[loop]
+  jax_options = ['--gelu', args.gelu, '--loop', jax_loop]
   if args.cpu_devices is not None:
     jax_options += ['--cpu_devices', str(args.cpu_devices)]
   options = {'model': timm_model_options(fields, args.image_size), 'batch_size': args.batch_size,
              'mode': mode, 'dtype': args.dtype, 'steps': args.steps}
   # One side at a time while building, so that neither compiles during the other's warm-up.
   jax_worker = Worker([sys.executable, '-m', 'vit_jax', 'benchmark', '--serve', *common, *jax_options],
-                      'vit_jax')
+                      'vit_jax', jax_env or None)
   timm = None
   try:
     timm = Worker([args.timm_python, os.path.abspath(__file__), json.dumps(options)], 'timm')
@@ -190,13 +212,16 @@ def compare(variant: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
       timm.close()
   row = make_row(variant, mode, args.batch_size, jax_seconds, timm_seconds,
                  jax_worker.info.get('flops_per_image'))
-  row.update({'dtype': args.dtype, 'image_size': args.image_size, 'steps': args.steps,
+  row.update({'loop': loop, 'dtype': args.dtype, 'image_size': args.image_size, 'steps': args.steps,
               'repeats': args.repeats, 'vit_jax_num_params': jax_worker.info.get('num_params'),
               'timm_num_params': timm.info.get('num_params'), 'torch': timm.info.get('torch'),
               'timm': timm.info.get('timm'), 'torch_threads': timm.info.get('threads'),
               'vit_jax_compile_seconds': jax_worker.info.get('compile_seconds'),
               'vit_jax_devices': jax_worker.info.get('devices'),
-              'vit_jax_page_faults_per_step': [r.get('page_faults') for r in jax_worker.replies]})
+              'vit_jax_host_memory_retained': jax_worker.info.get('host_memory_retained'),
+              'vit_jax_page_faults_per_step': [r.get('page_faults') for r in jax_worker.replies],
+              'vit_jax_peak_rss_bytes': max((r.get('peak_rss_bytes') or 0) for r in jax_worker.replies),
+              'timm_peak_rss_bytes': max((r.get('peak_rss_bytes') or 0) for r in timm.replies)})
   return row
 
 
@@ -232,6 +257,10 @@ def parser() -> argparse.ArgumentParser:
                      description='vit_jax against timm, same variant, batch and machine.')
   p.add_argument('--variants', default='Ti/16,S/16,B/16', help='comma-separated SIZE/PATCH list')
   p.add_argument('--modes', default='train,inference', help='comma-separated: train, inference')
+  p.add_argument('--loops', default='launcher',
+                 help='comma-separated vit_jax sides: launcher (the train step of vit_jax.training), '
+                      "library (a notebook's own step on the public API, after the README's "
+                      'retain_freed_memory call), library-plain (the same without it); default launcher')
   p.add_argument('--batch_size', type=int, default=8)
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
@@ -255,10 +284,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: no python with torch and timm found (looked at {looked}); run `pip install -e .[bench]` '
           'or point --timm_python / $TIMM_PYTHON at one (docs/performance.md).', file=sys.stderr)
     return 2
-  modes = args.modes.split(',')
+  modes, loops = args.modes.split(','), args.loops.split(',')
   bad = [m for m in modes if m not in ('train', 'inference')]
   if bad:
     print(f'error: --modes has {",".join(bad)}; use train and/or inference.', file=sys.stderr)
+    return 2
+  bad = [loop for loop in loops if loop not in LOOPS]
+  if bad:
+    print(f'error: --loops has {",".join(bad)}; use {", ".join(LOOPS)}.', file=sys.stderr)
     return 2
   rows = []
   cpu = f'{cpu_model()} ({os.cpu_count()} cores)'
@@ -267,12 +300,13 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     for variant in args.variants.split(','):
       for mode in modes:
-        rows.append({**compare(variant, mode, args), 'cpu': cpu})
-        if args.json:
-          print(json.dumps(rows[-1]), flush=True)
-        else:  # The header with the first row, then a line per row as it is measured.
-          lines = format_table(rows).split('\n')
-          print('\n'.join(lines if len(rows) == 1 else lines[-1:]), flush=True)
+        for loop in loops:
+          rows.append({**compare(variant, mode, args, loop), 'cpu': cpu})
+          if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+          else:  # The header with the first row, then a line per row as it is measured.
+            lines = format_table(rows).split('\n')
+            print('\n'.join(lines if len(rows) == 1 else lines[-1:]), flush=True)
   except ValueError as e:  # A bad --variants entry.
     print(f'error: {e}', file=sys.stderr)
     return 2
