@@ -162,6 +162,24 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
   assert 'torch' not in sys.modules
 
 
+def test_cpu_model_tells_cpu_kinds_with_one_name_apart(tmp_path):
+  """VMs report a bare 'AMD EPYC' for different generations: the rows carry family, model and features."""
+  block = ('processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n'
+           'model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n')
+  kinds = [(25, 17, 'avx512_bf16', 'AMD EPYC (family 25 model 17; avx2 avx512f avx512_bf16)'),
+           (26, 2, 'avx512_vnni', 'AMD EPYC (family 26 model 2; avx2 avx512f)')]
+  for family, model, extra, expected in kinds:
+    cpuinfo = tmp_path / f'cpuinfo_{family}'
+    cpuinfo.write_text(''.join(block.format(n=n, family=family, model=model, extra=extra) for n in range(2)))
+    assert benchmark_timm.cpu_model(str(cpuinfo)) == expected
+  intel = tmp_path / 'intel'
+  intel.write_text('model name\t: Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz\ncpu family\t: 6\n'
+                   'model\t\t: 207\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n')
+  assert benchmark_timm.cpu_model(str(intel)) == ('Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz '
+                                                  '(family 6 model 207; avx2 avx512f avx512_bf16 amx_bf16)')
+  assert benchmark_timm.cpu_model(str(tmp_path / 'missing'))  # No /proc: platform's name.
+
+
 def test_side_by_side_bad_input(capsys):
   assert benchmark_timm.main(['--timm_python', '/nonexistent/python']) == 2
   assert 'no python with torch and timm found (looked at --timm_python=/nonexistent/python)' in capsys.readouterr().err

@@ -146,7 +146,7 @@ from absl import flags, logging
 import flax, jax, ml_collections, optax, orbax.checkpoint  # Their own flags are theirs.
 before = set(flags.FLAGS)
 import vit_jax, vit_jax.models, vit_jax.training.steps
-vit_jax.create_model, vit_jax.load_npz, vit_jax.get_config  # The lazy public names resolve.
+vit_jax.create_model, vit_jax.load_npz, vit_jax.get_config, vit_jax.retain_freed_memory  # The lazy names resolve.
 after = set(flags.FLAGS)
 tensorflow = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))
 json.dump({'tensorflow': tensorflow, 'new_flags': sorted(after - before)}, sys.stdout)

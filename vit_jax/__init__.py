@@ -13,6 +13,8 @@ first used, so `import vit_jax` does no work):
   train_and_evaluate(config, workdir)            the training loop (vit_jax.training.loop)
   plot_curves(workdirs, out)                     training curves of workdirs as a PNG (vit_jax.tools.plots)
   get_config()                                   the default config (vit_jax.config.defaults)
+  retain_freed_memory()                          on CPU, first thing: the launcher's host-memory
+                                                 settings for your own loop (vit_jax.cpu.hostmem)
 """
 
 import importlib
@@ -34,6 +36,7 @@ _API = {
     'attention_maps': 'vit_jax.tools.attention_maps',
     'train_and_evaluate': 'vit_jax.training.loop',
     'get_config': 'vit_jax.config.defaults',
+    'retain_freed_memory': 'vit_jax.cpu.hostmem',
 }
 
 __all__ = sorted(_API) + ['__version__']

@@ -102,7 +102,8 @@ def format_result(r: dict[str, Any]) -> str:
   """Human-readable lines of a result record."""
   step = r['step_seconds']
   lines = [
-      f'ViT-{r["variant"]} {r["mode"]} ({r.get("loop", "launcher")} loop), {r["dtype"]}, batch {r["batch_size"]}, {r["image_size"]} px, '
+      f'ViT-{r["variant"]} {r["mode"]} ({r.get("loop", "launcher")} loop), {r["dtype"]}, '
+      f'batch {r["batch_size"]}, {r["image_size"]} px, '
       f'attention {r["attention"]!r}, gelu {r["gelu"]!r}, remat {r["remat"]!r}, scan {r["scan"]}, '
       f'{r["num_params"]:,} params on {r["devices"]}',
       f'images/s: {r["images_per_second"]:.2f} (min {r["images_per_second_spread"]["min"]:.2f}, '

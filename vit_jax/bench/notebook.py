@@ -7,7 +7,7 @@ launcher's default optimizer, as timm's side of the comparison), and one
 `jax.jit` with the parameters and optimizer state donated. No config, mesh,
 sharding or launcher settings are involved, so the rows show what a user who
 imports the package gets. Whether the process calls
-`vit_jax.cpu.hostmem.retain_freed_memory()` first (the one call the README
+`vit_jax.retain_freed_memory()` first (the one call the README
 asks a notebook on CPU to make) is the caller's choice: the benchmark command
 makes it unless VIT_JAX_RETAIN_HOST_MEMORY=0.
 """

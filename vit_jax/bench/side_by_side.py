@@ -238,17 +238,33 @@ def find_timm_python(flag: Optional[str]) -> tuple[Optional[str], str]:
   return None, f'--timm_python, ${TIMM_PYTHON_ENV} and this python ({sys.executable}, which has no torch/timm)'
 
 
-def cpu_model() -> str:
-  """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else what Python's platform knows."""
+# CPU features that decide which kernels XLA and PyTorch can use: shown next to the model name.
+CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's model name as lscpu shows it, with its family/model numbers and matmul features.
+
+  Cloud VMs often report a bare name ("AMD EPYC") for different generations;
+  the family and model numbers tell them apart. Falls back to what Python's
+  platform module knows where there is no /proc/cpuinfo.
+  """
   import platform
+  fields = {}
   try:
-    with open('/proc/cpuinfo') as f:
+    with open(cpuinfo) as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        key, _, value = line.partition(':')
+        if not line.strip():
+          break  # The first processor's block is enough.
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine()
+  name = fields.get('model name') or platform.processor() or platform.machine()
+  details = [f'family {fields["cpu family"]} model {fields["model"]}'] if 'cpu family' in fields else []
+  flags = fields.get('flags', '').split()
+  details += [' '.join(f for f in CPU_FEATURES if f in flags) or 'no AVX2']
+  return f'{name} ({"; ".join(details)})'
 
 
 def parser() -> argparse.ArgumentParser:
@@ -294,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f'error: --loops has {",".join(bad)}; use {", ".join(LOOPS)}.', file=sys.stderr)
     return 2
   rows = []
-  cpu = f'{cpu_model()} ({os.cpu_count()} cores)'
+  cpu = f'{cpu_model()}, {os.cpu_count()} cores'
   if not args.json:
     print(f'CPU: {cpu}', flush=True)
   try:

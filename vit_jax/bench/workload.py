@@ -7,7 +7,8 @@ import time
 from typing import Any, Callable, Optional
 
 MODES = ('train', 'inference')
-# launcher: the step of `vit_jax.training.setup`; library: a notebook's own on the public API (bench/notebook.py).
+# launcher: the step of `vit_jax.training.setup`; library: a notebook's own step on the
+# public API (vit_jax/bench/notebook.py).
 LOOPS = ('launcher', 'library')
 DTYPES = ('float32', 'bfloat16')
 # Warm-up runs single steps until one faults in fewer than SETTLED_PAGE_FAULTS
