@@ -56,7 +56,7 @@ def test_the_library_loop_is_a_notebook_step_on_the_public_api():
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
            'label': rng.integers(0, 1000, 8).astype(np.int32)}
-  program = notebook.build('tiny/4', 32, batch, 'float32', 'train')
+  program = notebook.build('tiny/4', batch, 'float32', 'train')
   state, losses = program.state, []
   for step in range(30):  # One batch, learnt by heart: the loss falls (in the warm-up, slowly).
     state, loss = program.function(state, batch, jax.random.fold_in(program.rng, step))

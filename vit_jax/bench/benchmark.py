@@ -39,7 +39,8 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from vit_jax.bench.workload import DTYPES, LOOPS, MODES, MatmulCeiling, Workload, peak_rss_bytes
+from vit_jax.bench.side_by_side import peak_rss_bytes
+from vit_jax.bench.workload import DTYPES, LOOPS, MODES, MatmulCeiling, Workload
 from vit_jax.cpu import hostmem
 from vit_jax.errors import ArgumentParser
 

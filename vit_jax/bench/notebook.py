@@ -27,14 +27,14 @@ class TrainState(NamedTuple):
 
 
 class Program(NamedTuple):
-  """What `benchmark.Workload` times: `function(*args)` is one step (or one forward pass)."""
+  """What `workload.Workload` times: `function(*args)` is one step (or one forward pass)."""
   model: Any
   function: Callable
   state: TrainState
   rng: jax.Array
 
 
-def build(variant: str, image_size: int, batch: dict[str, Any], dtype: str, mode: str,
+def build(variant: str, batch: dict[str, Any], dtype: str, mode: str,
           model_options: Optional[dict[str, Any]] = None) -> Program:
   """The notebook's model, state and jitted step for `batch` ({'image', 'label'} numpy arrays).
 

@@ -8,11 +8,11 @@ PyTorch and timm are never needed by vit_jax itself. The torch side runs in
 the python that `--timm_python` or $TIMM_PYTHON names (a venv of its own),
 or else in this one when it has torch and timm (`pip install -e .[bench]`);
 that python runs this file as a worker script.
-For each variant, mode and loop, two worker processes are built and warmed up once:
-`vit-jax benchmark --serve` (the real jitted train step, as
+For each variant, mode and loop, two worker processes are built and warmed
+up once: `vit-jax benchmark --serve` (the real jitted train step, as
 `vit_jax.bench.benchmark` times it, or with `--loops library` a notebook's
-own step on the public API, vit_jax/bench/notebook.py) and timm's `VisionTransformer` of the same
-width, depth, heads, patch, resolution and 1000 classes, trained by AdamW with
+own step on the public API, vit_jax/bench/notebook.py) and timm's
+`VisionTransformer` of the same width, depth, heads, patch, resolution and 1000 classes, trained by AdamW with
 gradient-norm clipping at 1.0 as vit_jax's default optimizer. Their timed runs
 then alternate (A B, B A, A B, ...), so a change in the machine's load hits
 both sides alike. Each row gives images/s of both (median over the runs) and
@@ -44,7 +44,10 @@ LOOPS = {'launcher': ('launcher', {}), 'library': ('library', {}),
 
 
 def peak_rss_bytes() -> int:
-  """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+  """This process's peak resident memory so far (Linux reports ru_maxrss in KiB).
+
+  Here, in the standard-library-only module, because the torch worker needs it
+  too; `vit-jax benchmark` imports it from here."""
   import resource
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -104,7 +104,7 @@ class Workload:
     if loop == 'library':
       from vit_jax.bench import notebook
       self.batch = {'image': jax.numpy.asarray(images), 'label': jax.numpy.asarray(labels)}
-      program = notebook.build(variant, image_size, self.batch, dtype, mode, options)
+      program = notebook.build(variant, self.batch, dtype, mode, options)
       self.model, self.state, self.rng = program.model, program.state, program.rng
       function = program.function
       args = (self.state, self.batch, self.rng) if mode == 'train' else (self.state.params, self.batch['image'])
@@ -230,8 +230,3 @@ class MatmulCeiling:
         jax.block_until_ready(compiled(*args))
         best = max(best, flops / (time.perf_counter() - start))
     return best
-
-
-def peak_rss_bytes() -> int:
-  """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
