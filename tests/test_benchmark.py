@@ -21,16 +21,19 @@ FIELDS = {'variant', 'mode', 'dtype', 'image_size', 'batch_size', 'images_per_se
           'flops_per_image', 'matmul_flops_per_image', 'achieved_flops_per_second',
           'ceiling_flops_per_second', 'mfu', 'peak_memory_bytes', 'peak_memory_source', 'devices',
           'num_params', 'xla_flags', 'jax_version', 'date', 'warmup_steps', 'page_faults_per_step',
-          'host_memory_retained', 'gelu', 'loop'}
+          'host_memory_retained', 'gelu', 'loop', 'cpu_scheduler'}
 
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
 def test_benchmark_json_has_every_field_and_counts_flops(mode, capsys):
   # Train with a remat policy under nn.scan: the options reach the model.
-  options = ['--scan', '--remat', 'dots_saveable'] if mode == 'train' else ['--gelu', 'exact']
+  # Inference: the memory-optimised XLA:CPU scheduler, asked for.
+  options = (['--scan', '--remat', 'dots_saveable'] if mode == 'train' else
+             ['--gelu', 'exact', '--cpu_scheduler', 'memory'])
   assert benchmark.main([*TINY, '--mode', mode, *options]) == 0
   result = json.loads(capsys.readouterr().out)
   assert FIELDS <= set(result)
+  assert result['cpu_scheduler'].startswith('concurrency' if mode == 'train' else 'memory-optimised')
   assert result['mode'] == mode and result['num_params'] > 0
   assert result['scan'] == (mode == 'train') and result['gelu'] == ('tanh' if mode == 'train' else 'exact')
   assert len(result['step_seconds_all']) == 2

@@ -122,6 +122,7 @@ def test_a_workdir_config_json_is_a_train_and_memory_config_with_overrides(tiny_
   code, out, err = run_cli(capsys, 'memory', '--config', saved, '--config.batch_size=24')
   assert code == 0, err
   assert out.startswith('tiny/4, batch 24 on 8 devices'), out
+  assert "activations with config.cpu_scheduler='memory'" in out  # The plan 'auto' falls back to.
   # train takes it too (the unknown dataset then stops the run before anything is compiled or written).
   workdir = tmp_path / 'from_json'
   code, _, err = run_cli(capsys, 'train', '--config', saved, '--workdir', workdir, '--config.total_steps=4',

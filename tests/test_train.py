@@ -47,6 +47,7 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir, run_comm
   first = launch(workdir, data_dir, '--config.total_steps=4')
   assert first.returncode == 0, first.stderr[-3000:]
   assert '8 devices' in first.stdout
+  assert "XLA:CPU scheduler: concurrency-optimised, XLA:CPU's default" in first.stdout  # Its plan fits.
   assert 'step 4/4' in first.stdout and 'eval at step 4' in first.stdout
   assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'metrics.jsonl', 'tensorboard']
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']

@@ -58,7 +58,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
   """Builds, warms up and times the workload of `args`; returns the result record."""
   import jax
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      model_options(args), args.loop)
+                      model_options(args), args.loop, args.cpu_scheduler)
   sizes = tuple(int(size) for size in args.ceiling_sizes.split(',') if size.strip() and int(size))
   ceiling = MatmulCeiling(args.dtype, sizes) if sizes else None
   step_seconds, ceilings, page_faults = [], [], []
@@ -85,6 +85,7 @@ def run_benchmark(args: argparse.Namespace, on_repeat: Optional[Callable[[int], 
       'step_seconds': step, 'step_seconds_all': step_seconds,
       'compile_seconds': workload.compile_seconds, 'warmup_steps': workload.warmup_steps,
       'page_faults_per_step': page_faults, 'host_memory_retained': hostmem.retaining(),
+      'cpu_scheduler': workload.scheduler,
       'flops_per_image': workload.flops_per_image,
       'matmul_flops_per_image': workload.matmul_flops_per_image,
       'achieved_flops_per_second': achieved,
@@ -113,7 +114,8 @@ def format_result(r: dict[str, Any]) -> str:
       f'over {r["repeats"]} runs of {r["steps"]} steps',
       f'compile: {r["compile_seconds"]:.1f} s; warm-up: {r["warmup_steps"]} steps; page faults per step: '
       f'{statistics.median(r["page_faults_per_step"]):,.0f} (host memory '
-      f'{"retained" if r["host_memory_retained"] else "returned to the OS"}: vit_jax/hostmem.py)',
+      f'{"retained" if r["host_memory_retained"] else "returned to the OS"}: vit_jax/cpu/hostmem.py)',
+      f'XLA:CPU scheduler: {r.get("cpu_scheduler", "not recorded")}',
       f'GFLOPs per image: {r["flops_per_image"] / 1e9:.3f} (XLA cost analysis), '
       f'{r["matmul_flops_per_image"] / 1e9:.3f} (analytic, matmuls only)',
       f'achieved: {r["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s',
@@ -132,12 +134,13 @@ def format_result(r: dict[str, Any]) -> str:
 def serve(args: argparse.Namespace) -> None:
   """Worker loop: build once, print a JSON line, then one timed run per `run` line on stdin."""
   workload = Workload(args.variant, args.image_size, args.batch_size, args.dtype, args.mode,
-                      model_options(args), args.loop)
+                      model_options(args), args.loop, args.cpu_scheduler)
   print(json.dumps({'ready': True, 'compile_seconds': workload.compile_seconds,
                     'flops_per_image': workload.flops_per_image,
                     'matmul_flops_per_image': workload.matmul_flops_per_image,
                     'num_params': workload.num_params, 'devices': workload.devices,
-                    'host_memory_retained': hostmem.retaining()}), flush=True)
+                    'host_memory_retained': hostmem.retaining(),
+                    'cpu_scheduler': workload.scheduler}), flush=True)
   for line in sys.stdin:
     if line.strip() != 'run':
       break
@@ -175,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--remat', default='none', type=parse_remat,
                  help="config.model.remat: none, full, or a policy name, e.g. dots_saveable (default none)")
   p.add_argument('--scan', action='store_true', help='config.model.scan: one nn.scan over the blocks')
+  p.add_argument('--cpu_scheduler', default='auto', choices=('auto', 'concurrency', 'memory'),
+                 help="the launcher loop's config.cpu_scheduler: XLA:CPU's instruction order (default auto: "
+                      'the fast one unless its plan would not fit in free memory)')
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
   p.add_argument('--repeats', type=int, default=5, help='timed runs after the warm-up (default 5)')
   p.add_argument('--ceiling_sizes', default='1024,2048,4096',

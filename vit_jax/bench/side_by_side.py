@@ -193,7 +193,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace, loop: str = 'laun
   common = ['--variant', variant, '--mode', mode, '--batch_size', str(args.batch_size),
             '--image_size', str(args.image_size), '--dtype', args.dtype, '--steps', str(args.steps)]
   jax_loop, jax_env = LOOPS[loop]
-  jax_options = ['--gelu', args.gelu, '--loop', jax_loop]
+  jax_options = ['--gelu', args.gelu, '--loop', jax_loop, '--cpu_scheduler', args.cpu_scheduler]
   if args.cpu_devices is not None:
     jax_options += ['--cpu_devices', str(args.cpu_devices)]
   options = {'model': timm_model_options(fields, args.image_size), 'batch_size': args.batch_size,
@@ -222,6 +222,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace, loop: str = 'laun
               'vit_jax_compile_seconds': jax_worker.info.get('compile_seconds'),
               'vit_jax_devices': jax_worker.info.get('devices'),
               'vit_jax_host_memory_retained': jax_worker.info.get('host_memory_retained'),
+              'vit_jax_cpu_scheduler': jax_worker.info.get('cpu_scheduler'),
               'vit_jax_page_faults_per_step': [r.get('page_faults') for r in jax_worker.replies],
               'vit_jax_peak_rss_bytes': max((r.get('peak_rss_bytes') or 0) for r in jax_worker.replies),
               'timm_peak_rss_bytes': max((r.get('peak_rss_bytes') or 0) for r in timm.replies)})
@@ -285,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--gelu', default='tanh', choices=('tanh', 'exact'),
                  help="vit_jax's config.model.gelu (timm's GELU is the exact one)")
+  p.add_argument('--cpu_scheduler', default='auto', choices=('auto', 'concurrency', 'memory'),
+                 help="the vit_jax launcher's config.cpu_scheduler (default auto; 'memory' leaves timm's "
+                      'worker room where the two sides together would not fit)')
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')
   p.add_argument('--repeats', type=int, default=5, help='timed runs of each side (default 5)')
   p.add_argument('--timm_python', default=None,

@@ -87,7 +87,7 @@ class Workload:
 
   def __init__(self, variant: str, image_size: int, batch_size: int, dtype: str = 'float32',
                mode: str = 'train', model_options: Optional[dict[str, Any]] = None,
-               loop: str = 'launcher'):
+               loop: str = 'launcher', cpu_scheduler: str = 'auto'):
     import jax
     import numpy as np
 
@@ -114,7 +114,13 @@ class Workload:
       function, args = self._function, self._args
       abstract_params = self._abstract_params
     start = time.perf_counter()
-    self.compiled = function.lower(*args).compile()
+    if loop == 'launcher':  # With the launcher's choice of XLA:CPU scheduler (vit_jax/cpu/scheduler.py).
+      from vit_jax.cpu import scheduler
+      compiled = scheduler.compile_within_memory(function.lower(*args), platform=jax.devices()[0].platform,
+                                                 local_devices=jax.local_device_count(), choice=cpu_scheduler)
+      self.compiled, self.scheduler = compiled.program, compiled.reason
+    else:
+      self.compiled, self.scheduler = function.lower(*args).compile(), 'the default (plain jax.jit)'
     self.compile_seconds = time.perf_counter() - start
     # The launcher's program is one device's share of the batch; a notebook's plain jit runs on one device.
     num_devices = jax.device_count() if loop == 'launcher' else 1
@@ -170,7 +176,7 @@ class Workload:
     """Runs `steps` steps and returns the seconds they took, waiting for the device at the end.
 
     Also sets `page_faults`: the process's minor page faults per step during
-    the run (memory the host allocator had to fault in; see vit_jax/hostmem.py).
+    the run (memory the host allocator had to fault in; see vit_jax/cpu/hostmem.py).
     """
     import jax
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,1 +1,2 @@
-"""CPU-only speed code: host-memory settings, one CPU as several devices, backward passes for XLA:CPU."""
+"""CPU-only speed and memory code: host-memory settings, the scheduler that fits a step in memory, one CPU as
+several devices, backward passes for XLA:CPU."""

@@ -7,10 +7,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jax.experimental import multihost_utils
 
 from vit_jax import checkpoint
+from vit_jax.cpu import scheduler
 from vit_jax.data import pipeline
 from vit_jax.training import fewshot
 from vit_jax.training import memory
@@ -47,6 +49,25 @@ def _fetch_checked(step: int, step_metrics: dict) -> dict[str, float]:
         'from this step was saved; the last good checkpoint is kept. Lower '
         'config.optimizer.learning_rate or raise config.optimizer.warmup_steps.')
   return values
+
+
+def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
+  """What lowers a train step's memory, for the error of a step that does not fit."""
+  options = []
+  if config.batch_size % (config.accumulation_steps * 2 * num_devices) == 0:
+    options.append(f'config.accumulation_steps={config.accumulation_steps * 2} (the same update in '
+                   'smaller micro-batches)')
+  if config.model.remat in (False, 'none') or not config.model.scan:
+    options.append('config.model.remat=True with config.model.scan=True')
+  options.append('a smaller config.batch_size')
+  return 'Use ' + ', or '.join(options) + '.'
+
+
+def _any_process(flag: bool) -> bool:
+  """True when `flag` is true on any process of the run."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -110,8 +131,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = pipeline.train_iterator(config, train_split, start_step,
                                              jax.process_index(), jax.process_count())
   first_batch = sharding.global_batch(next(train_iter), run.batch_sharding)
-  # Compiled once, ahead of time: every step reuses this executable.
-  compiled_step = run.step_fn.lower(state, first_batch, dropout_rng).compile()
+  # Compiled once, ahead of time: every step reuses this executable. On CPU, with the scheduler
+  # whose plan fits in the host's free memory (vit_jax/cpu/scheduler.py).
+  compiled = scheduler.compile_within_memory(
+      run.step_fn.lower(state, first_batch, dropout_rng), platform=mesh.devices.flat[0].platform,
+      local_devices=len(mesh.local_devices), choice=config.cpu_scheduler, fix=_memory_fix(config, mesh.size),
+      agree=_any_process)
+  compiled_step = compiled.program
   if is_main:
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
     print(f'Model {config.model.variant}: {num_params:,} parameters; {len(train_split):,} training '
@@ -119,6 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'(mesh data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}), {jax.process_count()} processes.',
           flush=True)
     print(attention_implementation(config) + '.', flush=True)
+    if mesh.devices.flat[0].platform == 'cpu':
+      print(f'XLA:CPU scheduler: {compiled.reason}.', flush=True)
     print(memory.format_report(memory.report(run.abstract_state, run.state_sharding, compiled_step)),
           flush=True)
 

@@ -41,5 +41,6 @@ def format_report(values: dict[str, float]) -> str:
   """One line, e.g. 'Memory per device: params 0.322 GiB, optimizer 0.645 GiB, activations 21.3 GiB.'"""
   def size(gib: float) -> str:
     return f'{gib:.3f} GiB' if gib >= 0.1 else f'{gib * 1024:.3f} MiB'
-  parts = [f'{name.removesuffix("_gib")} {size(value)}' for name, value in values.items()]
+  names = {'activations_memory_optimized_gib': "activations with config.cpu_scheduler='memory'"}
+  parts = [f'{names.get(name, name.removesuffix("_gib"))} {size(value)}' for name, value in values.items()]
   return 'Memory per device: ' + ', '.join(parts) + '.'
