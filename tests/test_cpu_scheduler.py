@@ -14,24 +14,22 @@ from vit_jax.training import setup as setup_lib
 GIB = 2**30
 
 
-def test_free_memory_is_the_kernels_available_memory_or_a_cgroup_limit_below_it(tmp_path, monkeypatch):
+def test_free_memory_is_the_kernels_available_memory_or_a_cgroup_limit_below_it(tmp_path):
   meminfo = tmp_path / 'meminfo'
   meminfo.write_text('MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\nSwapFree:        1000 kB\n')
   root = tmp_path / 'cgroup'
   (root / 'job').mkdir(parents=True)
-  assert scheduler.free_host_memory(str(meminfo), str(root)) == (20000000 * 1024, 1000 * 1024)
+  cgroup = tmp_path / 'self_cgroup'  # What /proc/self/cgroup says: this process's cgroup.
+  assert scheduler.free_host_memory(str(meminfo), str(root), str(cgroup)) == (20000000 * 1024, 1000 * 1024)
   # This process's own cgroup, limited to 8 GiB with 3 GiB in use: 5 GiB free.
-  cgroup = tmp_path / 'self_cgroup'
   cgroup.write_text('0::/job\n')
-  real_open = open
-  monkeypatch.setattr('builtins.open', lambda path, *a, **k: real_open(
-      cgroup if path == '/proc/self/cgroup' else path, *a, **k))
   (root / 'job' / 'memory.max').write_text(f'{8 * GIB}\n')
   (root / 'job' / 'memory.current').write_text(f'{3 * GIB}\n')
-  assert scheduler.free_host_memory(str(meminfo), str(root))[0] == 5 * GIB
+  assert scheduler.free_host_memory(str(meminfo), str(root), str(cgroup))[0] == 5 * GIB
   (root / 'job' / 'memory.max').write_text('max\n')
-  assert scheduler.free_host_memory(str(meminfo), str(root))[0] == 20000000 * 1024
-  assert scheduler.free_host_memory(str(tmp_path / 'none'), str(tmp_path / 'none')) == (None, 0)
+  assert scheduler.free_host_memory(str(meminfo), str(root), str(cgroup))[0] == 20000000 * 1024
+  none = str(tmp_path / 'none')
+  assert scheduler.free_host_memory(none, none, none) == (None, 0)
 
 
 @pytest.fixture(scope='module')
@@ -98,6 +96,11 @@ def test_a_scheduler_in_xla_flags_stands(lowered_step, monkeypatch):
 
 
 def test_the_launcher_stops_before_its_first_step_when_the_step_cannot_fit(tiny_config, tmp_path, monkeypatch):
+  bad = tiny_config.copy_and_resolve_references()
+  bad.cpu_scheduler = 'fast'  # A bad choice fails with the config's other checks, before the workdir is made.
+  with pytest.raises(UsageError, match="config.cpu_scheduler='fast'"):
+    loop.train_and_evaluate(bad, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()
   monkeypatch.setattr(scheduler, 'free_host_memory', lambda: (2**20, 0))  # 1 MiB free, no swap.
   workdir = tmp_path / 'run'
   with pytest.raises(UsageError) as error:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 from vit_jax.bench.side_by_side import peak_rss_bytes
 from vit_jax.bench.workload import DTYPES, LOOPS, MODES, MatmulCeiling, Workload
-from vit_jax.cpu import hostmem
+from vit_jax.cpu import hostmem, scheduler
 from vit_jax.errors import ArgumentParser
 
 # train imports TensorFlow (input pipeline), which the benchmark never runs: keep it quiet.
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--remat', default='none', type=parse_remat,
                  help="config.model.remat: none, full, or a policy name, e.g. dots_saveable (default none)")
   p.add_argument('--scan', action='store_true', help='config.model.scan: one nn.scan over the blocks')
-  p.add_argument('--cpu_scheduler', default='auto', choices=('auto', 'concurrency', 'memory'),
+  p.add_argument('--cpu_scheduler', default='auto', choices=scheduler.CHOICES,
                  help="the launcher loop's config.cpu_scheduler: XLA:CPU's instruction order (default auto: "
                       'the fast one unless its plan would not fit in free memory)')
   p.add_argument('--steps', type=int, default=3, help='steps per timed run (default 3)')

@@ -4,9 +4,10 @@ XLA:CPU runs a program's independent operations concurrently, and its
 default scheduler orders them for that concurrency: more buffers are alive at
 once. For a ViT train step that plans about 45% more temporaries than the
 memory-optimised scheduler (ViT-B/16 at batch 64: 14.77 GiB against 10.20;
-ViT-Ti/16 at batch 64: 3.72 against 2.57), for 1-3.5% more speed
-(docs/performance.md). On a 24 GiB machine the default's B/16 batch-64 step
-was killed by the kernel's out-of-memory killer, with no message.
+ViT-Ti/16 at batch 64: 3.72 against 2.57), for 0-3.5% more speed
+(docs/performance.md). A step that does not fit is killed by the kernel's
+out-of-memory killer, with no message (B/16 at batch 64 on a 24 GiB machine,
+beside another large process).
 
 `compile_within_memory` compiles with the default and keeps it when its plan
 fits in the host memory that is free; otherwise it compiles again with the
@@ -36,7 +37,13 @@ HEADROOM = 0.85
 GIB = 2.0**30
 
 
-def _meminfo(path: str = '/proc/meminfo') -> dict[str, int]:
+def check_choice(choice: str) -> None:
+  """Raises UsageError unless `choice` is one of CHOICES (config.cpu_scheduler)."""
+  if choice not in CHOICES:
+    raise UsageError(f'config.cpu_scheduler={choice!r}; use one of {", ".join(map(repr, CHOICES))}.')
+
+
+def _meminfo(path: str) -> dict[str, int]:
   """Fields of /proc/meminfo in bytes; {} where there is none (not Linux)."""
   try:
     with open(path) as f:
@@ -52,10 +59,13 @@ def _meminfo(path: str = '/proc/meminfo') -> dict[str, int]:
   return values
 
 
-def _cgroup_free(root: str = '/sys/fs/cgroup') -> Optional[int]:
-  """Bytes left under this process's cgroup (v2) memory limit, or None without a limit."""
+def _cgroup_free(root: str, membership: str) -> Optional[int]:
+  """Bytes left under this process's cgroup (v2) memory limit, or None without a limit.
+
+  `membership` is /proc/self/cgroup, whose '0::PATH' line names the cgroup under `root`.
+  """
   try:
-    with open('/proc/self/cgroup') as f:
+    with open(membership) as f:
       relative = next((line.strip().split(':', 2)[2] for line in f if line.startswith('0::')), None)
   except (OSError, IndexError):
     return None
@@ -72,8 +82,8 @@ def _cgroup_free(root: str = '/sys/fs/cgroup') -> Optional[int]:
   return None if limit == 'max' else max(int(limit) - current, 0)
 
 
-def free_host_memory(meminfo: str = '/proc/meminfo', cgroup_root: str = '/sys/fs/cgroup'
-                     ) -> tuple[Optional[int], int]:
+def free_host_memory(meminfo: str = '/proc/meminfo', cgroup_root: str = '/sys/fs/cgroup',
+                     cgroup_membership: str = '/proc/self/cgroup') -> tuple[Optional[int], int]:
   """(free bytes, free swap bytes) of this host for this process; (None, 0) where unknown.
 
   Free bytes are the kernel's MemAvailable (free and reclaimable memory), or less
@@ -81,7 +91,7 @@ def free_host_memory(meminfo: str = '/proc/meminfo', cgroup_root: str = '/sys/fs
   """
   info = _meminfo(meminfo)
   available = info.get('MemAvailable')
-  limit = _cgroup_free(cgroup_root)
+  limit = _cgroup_free(cgroup_root, cgroup_membership)
   if limit is not None:
     available = limit if available is None else min(available, limit)
   return available, info.get('SwapFree', 0)
@@ -115,8 +125,7 @@ def compile_within_memory(lowered: Any, *, platform: str, local_devices: int = 1
   free swap bytes), measured now when None. `agree` turns this process's yes or
   no into every process's (any of them): all processes compile one program.
   """
-  if choice not in CHOICES:
-    raise UsageError(f'config.cpu_scheduler={choice!r}; use one of {", ".join(map(repr, CHOICES))}.')
+  check_choice(choice)
   if platform != 'cpu':
     return Compiled(lowered.compile(), False, f'{platform}: XLA plans its memory')
   if OPTION in os.environ.get('XLA_FLAGS', ''):

@@ -9,7 +9,7 @@ activation figure is the CPU compiler's plan; GPU/TPU plans differ).
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from absl import flags
 
@@ -37,8 +37,8 @@ def simulate_devices(argv: list[str]) -> None:
                                  f' --xla_force_host_platform_device_count={count}').strip()
 
 
-def compile_step(config, mesh, compiler_options: Optional[dict[str, str]] = None) -> tuple[Any, Any]:
-  """(setup, compiled train step) for `config` on `mesh`, from shapes only: nothing is allocated."""
+def lower_step(config, mesh) -> tuple[Any, Any]:
+  """(setup, lowered train step) for `config` on `mesh`, from shapes only: nothing is allocated."""
   import jax
   import jax.numpy as jnp
 
@@ -55,7 +55,7 @@ def compile_step(config, mesh, compiler_options: Optional[dict[str, str]] = None
            'label': jax.ShapeDtypeStruct(label_shape, jnp.float32 if soft else jnp.int32,
                                          sharding=run.batch_sharding)}
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  return run, run.step_fn.lower(placed, batch, rng).compile(compiler_options)
+  return run, run.step_fn.lower(placed, batch, rng)
 
 
 def main(argv: list[str]) -> None:
@@ -73,10 +73,11 @@ def main(argv: list[str]) -> None:
   # 'auto' runs the default unless the host's free memory is short of it.
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
   memory_only = on_cpu and config.cpu_scheduler == 'memory'
-  run, compiled = compile_step(config, mesh, scheduler.MEMORY_OPTIMIZED if memory_only else None)
+  run, lowered = lower_step(config, mesh)
+  compiled = lowered.compile(scheduler.MEMORY_OPTIMIZED if memory_only else None)
   values = memory.report(run.abstract_state, run.state_sharding, compiled)
   if on_cpu and config.cpu_scheduler == 'auto' and 'activations_gib' in values:
-    _, low = compile_step(config, mesh, scheduler.MEMORY_OPTIMIZED)
+    low = lowered.compile(scheduler.MEMORY_OPTIMIZED)
     values['activations_memory_optimized_gib'] = low.memory_analysis().temp_size_in_bytes / 2.0**30
   print(f'{config.model.variant}, batch {config.batch_size} on {mesh.size} devices '
         f'(data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}, '

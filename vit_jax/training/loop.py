@@ -7,7 +7,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jax.experimental import multihost_utils
 
@@ -61,13 +60,6 @@ def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
     options.append('config.model.remat=True with config.model.scan=True')
   options.append('a smaller config.batch_size')
   return 'Use ' + ', or '.join(options) + '.'
-
-
-def _any_process(flag: bool) -> bool:
-  """True when `flag` is true on any process of the run."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -131,12 +123,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = pipeline.train_iterator(config, train_split, start_step,
                                              jax.process_index(), jax.process_count())
   first_batch = sharding.global_batch(next(train_iter), run.batch_sharding)
+  platform = mesh.devices.flat[0].platform
   # Compiled once, ahead of time: every step reuses this executable. On CPU, with the scheduler
   # whose plan fits in the host's free memory (vit_jax/cpu/scheduler.py).
   compiled = scheduler.compile_within_memory(
-      run.step_fn.lower(state, first_batch, dropout_rng), platform=mesh.devices.flat[0].platform,
+      run.step_fn.lower(state, first_batch, dropout_rng), platform=platform,
       local_devices=len(mesh.local_devices), choice=config.cpu_scheduler, fix=_memory_fix(config, mesh.size),
-      agree=_any_process)
+      agree=sharding.any_process)
   compiled_step = compiled.program
   if is_main:
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
@@ -145,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'(mesh data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}), {jax.process_count()} processes.',
           flush=True)
     print(attention_implementation(config) + '.', flush=True)
-    if mesh.devices.flat[0].platform == 'cpu':
+    if platform == 'cpu':
       print(f'XLA:CPU scheduler: {compiled.reason}.', flush=True)
     print(memory.format_report(memory.report(run.abstract_state, run.state_sharding, compiled_step)),
           flush=True)

@@ -9,7 +9,8 @@ combined so that all of them stop after the same step.
 import signal
 
 import jax
-import numpy as np
+
+from vit_jax.training import sharding
 
 
 class StopRequest:
@@ -44,5 +45,4 @@ class StopRequest:
       return local
     if step % every:
       return False
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    return sharding.any_process(local)

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from vit_jax.cpu import scheduler
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 from vit_jax.training import optim, sharding
@@ -39,6 +40,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                      'checkpoint.')
   if not 0.0 <= config.ema.decay < 1.0:
     raise UsageError(f'config.ema.decay={config.ema.decay} must be in [0, 1), e.g. 0.9999; 0 disables EMA.')
+  scheduler.check_choice(config.cpu_scheduler)
   if config.fewshot.every_steps < 0:
     raise UsageError(f'config.fewshot.every_steps={config.fewshot.every_steps} must be >= 0 (0 disables).')
 

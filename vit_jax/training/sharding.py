@@ -107,6 +107,14 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return sizes[0], sizes[1]
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any process of the run (a small collective)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices: Optional[list] = None) -> Mesh:
   """The (data, fsdp) mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
