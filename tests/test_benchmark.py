@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
 from vit_jax.bench import benchmark, workload
 from vit_jax.bench import side_by_side as benchmark_timm
 from vit_jax.models import create_model
@@ -142,7 +143,7 @@ def test_side_by_side_protocol_with_a_fake_timm(tmp_path, capsys):
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
   env = os.environ.copy()
   try:  # The worker is a fresh process, here on a CPU split in two (--cpu_devices).
-    os.environ['XLA_FLAGS'] = ''
+    os.environ['XLA_FLAGS'] = TEST_XLA_FLAGS
     assert benchmark_timm.main(['--variants', 'tiny/4', '--modes', 'inference', '--image_size', '32',
                                 '--steps', '2', '--repeats', '3', '--timm_python', str(fake),
                                 '--cpu_devices', '2', '--loops', 'launcher,library-plain', '--json']) == 0

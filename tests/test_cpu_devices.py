@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_XLA_FLAGS
 from vit_jax.cpu import devices as cpu_devices
 from vit_jax.errors import UsageError
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-  """The environment without the suite's 8-device XLA_FLAGS (set by conftest)."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', cpu_devices.ENV)}
-  return {**env, **extra}
+  """The environment without the suite's 8 devices (set by conftest): XLA_FLAGS asks for no device count."""
+  env = {k: v for k, v in os.environ.items() if k != cpu_devices.ENV}
+  return {**env, 'XLA_FLAGS': TEST_XLA_FLAGS, **extra}
 
 
 def device_count_after(code: str, **env: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from vit_jax.config import defaults
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vit_jax import checkpoint
 from vit_jax.training import sharding
 from vit_jax.training import loop, steps
@@ -40,7 +40,7 @@ def command(workdir, data_dir, *overrides):
 
 
 def environment(devices=8):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices),
               TF_CPP_MIN_LOG_LEVEL='2')
 
 

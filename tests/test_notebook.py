@@ -5,6 +5,8 @@ import re
 
 import nbformat
 
+from tests.conftest import TEST_XLA_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'docs', 'quickstart.ipynb')
 
@@ -31,7 +33,7 @@ def test_the_notebook_trains_predicts_and_shows_attention_maps_and_curves(data_d
   os.mkdir(tmp_path / 'docs')
   os.symlink(os.path.join(REPO, 'experiments'), tmp_path / 'experiments')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One CPU device, as for a user.
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)  # One CPU device, as for a user.
   env.update(TFDS_DATA_DIR=data_dir, PYTHONPATH=REPO)
   client = NotebookClient(notebook, timeout=300, kernel_name='python3',
                           resources={'metadata': {'path': str(tmp_path / 'docs')}})

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vit_jax.config import defaults
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vit_jax import checkpoint
 from vit_jax.data import pipeline
 from vit_jax.training import sharding
@@ -136,7 +136,7 @@ def test_two_processes_of_four_devices_equal_one_device(config, one_device_run, 
   """
   workdir = tmp_path / 'run'
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              TF_CPP_MIN_LOG_LEVEL='2', JAX_LOG_COMPILES='1')
   processes = [subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.main', '--config', 'configs/base.py', '--workdir', str(workdir),

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vit_jax.sweeps import sweep
 from vit_jax.sweeps import report as sweep_report
 from vit_jax.errors import UsageError
@@ -32,7 +32,7 @@ def sweep_command(sweep_file, workdir, *flags):
 
 def one_device_env():
   # One CPU device per trial instead of conftest's 8: each launch starts ~10 s faster.
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return dict(os.environ, XLA_FLAGS=xla_flags(1))
 
 
 def read_rows(path):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vit_jax.training import loop
 from vit_jax.errors import UsageError
 
@@ -25,7 +25,7 @@ def train_flags(workdir, data_dir, *overrides):
 
 def launch(workdir, data_dir, *overrides, devices=8):
   """Runs `python -m vit_jax.main` with `train_flags` in a subprocess."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.run([sys.executable, '-m', 'vit_jax.main', *train_flags(workdir, data_dir, *overrides)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -195,6 +195,18 @@ def model_input(image: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
                    "([-1, 1] for the published ViT models) or 'mean_std'.")
 
 
+def plain_graph(fn):
+  """`fn` for `Dataset.map` as written, without AutoGraph's rewrite.
+
+  AutoGraph turns Python control flow on tensors into graph ops by
+  re-parsing and transpiling each map function, about 2.6 s per process
+  start on a 2-core CPU. The preprocessing here branches only on Python
+  config values and uses tf.cond/tf.switch_case/tf.where for data-dependent
+  choices, so the traced graph is the same without it (tests/test_input_pipeline.py).
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def mixing(config: ml_collections.ConfigDict) -> bool:
   """Whether training batches are mixed (mixup/CutMix), which makes their labels soft."""
   return config.input.mixup_alpha > 0 or config.input.cutmix_alpha > 0
@@ -321,12 +333,12 @@ def train_iterator(config: ml_collections.ConfigDict, split: Split, start_step: 
   ds = tf.data.Dataset.from_generator(batches, output_signature=(
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None, 2), tf.int64))).unbatch()
-  ds = ds.map(_train_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(plain_graph(_train_preprocess(config)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(per_process, drop_remainder=True)
   if mixing(config):
-    ds = ds.map(lambda images, labels, params: augment.mix_pairs(
+    ds = ds.map(plain_graph(lambda images, labels, params: augment.mix_pairs(
         images, labels, params, config.dataset.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha,
-        cfg.cutmix_prob), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        cfg.cutmix_prob)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(cfg.prefetch).with_options(_options(config))
   # Built eagerly (not a generator function) so that config errors surface at this call.
   return ({'image': image, 'label': label} for image, label in ds.as_numpy_iterator())
@@ -358,6 +370,6 @@ def eval_iterator(config: ml_collections.ConfigDict, split: Split, process_index
   ds = tf.data.Dataset.from_generator(batches, output_signature=(
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None,), tf.float32))).unbatch()
-  ds = ds.map(_eval_preprocess(config), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(plain_graph(_eval_preprocess(config)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(per_process).prefetch(config.input.prefetch).with_options(_options(config))
   return ({'image': image, 'label': label, 'mask': mask} for image, label, mask in ds.as_numpy_iterator())

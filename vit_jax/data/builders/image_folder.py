@@ -100,7 +100,7 @@ def _decodable(paths: list[str]) -> np.ndarray:
     return index
 
   ds = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int64)))
-  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  ds = ds.map(tf.autograph.experimental.do_not_convert(check), num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
   ok = np.zeros(len(paths), bool)
   ok[list(ds.as_numpy_iterator())] = True
   return ok
