@@ -61,7 +61,8 @@ def test_separable_features_are_classified_exactly():
 
 @pytest.fixture(scope='module')
 def fewshot_workdir(tmp_path_factory, data_dir):
-  """A tiny digits run trained long enough to learn (300 steps), with the few-shot evaluator on."""
+  """A tiny digits run trained long enough to learn (120 steps: 50-66% few-shot accuracy against 17-40%
+  untrained), with the few-shot evaluator on."""
   from configs import quickstart
   from vit_jax.training import loop
   config = quickstart.get_config()
@@ -74,8 +75,8 @@ def fewshot_workdir(tmp_path_factory, data_dir):
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 10
   config.batch_size, config.eval_batch_size = 32, 64
-  config.total_steps = config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 300
-  config.fewshot.every_steps = 150
+  config.total_steps = config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 120
+  config.fewshot.every_steps = 60
   config.fewshot.datasets = {'digits': ('sklearn_digits', 'train', 'test')}
   workdir = str(tmp_path_factory.mktemp('fewshot_run'))
   loop.train_and_evaluate(config, workdir)
@@ -85,7 +86,7 @@ def fewshot_workdir(tmp_path_factory, data_dir):
 def test_trained_model_beats_random_init_at_every_shot_count(fewshot_workdir):
   with open(os.path.join(fewshot_workdir, 'metrics.jsonl')) as f:
     rows = [row for row in map(json.loads, f) if 'fewshot/digits/1shot' in row]
-  assert [row['step'] for row in rows] == [150, 300]  # Every fewshot.every_steps, and at the end.
+  assert [row['step'] for row in rows] == [60, 120]  # Every fewshot.every_steps, and at the end.
   trained = {k: rows[-1][f'fewshot/digits/{k}shot'] for k in SHOTS}
   assert os.listdir(os.path.join(fewshot_workdir, 'tensorboard'))
 
