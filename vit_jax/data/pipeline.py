@@ -199,8 +199,8 @@ def plain_graph(fn):
   """`fn` for `Dataset.map` as written, without AutoGraph's rewrite.
 
   AutoGraph turns Python control flow on tensors into graph ops by
-  re-parsing and transpiling each map function, about 2.6 s per process
-  start on a 2-core CPU. The preprocessing here branches only on Python
+  re-parsing and transpiling each map function: about 1 s of every run's
+  start on a 2-core CPU (docs/performance.md). The preprocessing here branches only on Python
   config values and uses tf.cond/tf.switch_case/tf.where for data-dependent
   choices, so the traced graph is the same without it (tests/test_input_pipeline.py).
   """
