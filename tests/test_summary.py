@@ -26,7 +26,7 @@ def test_cli_prints_modules_and_ends_with_total(tmp_path, run_command):
 def test_published_counts_and_flops(variant, params, gflops):
   text = summary.summarize(variant)
   assert text.splitlines()[-1] == f'total_params: {params}'
-  assert f'Transformer/encoderblock_{{0..11}}' in text
+  assert 'Transformer/encoderblock_{0..11}' in text
   value = float(text.split('GFLOPs per image: ')[1].split()[0])
   assert gflops[0] <= value <= gflops[1]
 
