@@ -102,8 +102,8 @@ def test_train_images_have_model_shape_and_range(tiny_config):
 
 
 def test_map_functions_traced_without_autograph_give_the_same_batches(tiny_config, monkeypatch):
-  """The pipeline maps its functions as written (`pipeline.plain_graph`, no AutoGraph rewrite, which
-  costs seconds per process start); with AutoGraph's rewrite the batches are the same, augmentations on."""
+  """The pipeline maps its functions as written (`pipeline.plain_graph`, no AutoGraph rewrite, about 1 s
+  of every process start); with AutoGraph's rewrite the batches are the same, augmentations on."""
   split = pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.input.train_crop = 'random_resized'
   tiny_config.input.randaugment.num_layers = 2

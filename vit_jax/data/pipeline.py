@@ -200,11 +200,17 @@ def plain_graph(fn):
 
   AutoGraph turns Python control flow on tensors into graph ops by
   re-parsing and transpiling each map function: about 1 s of every run's
-  start on a 2-core CPU (docs/performance.md). The preprocessing here branches only on Python
-  config values and uses tf.cond/tf.switch_case/tf.where for data-dependent
-  choices, so the traced graph is the same without it (tests/test_input_pipeline.py).
+  start on a 2-core CPU (docs/performance.md). The preprocessing here
+  branches only on Python config values and uses tf.cond/tf.switch_case/
+  tf.where for data-dependent choices, so the traced graph is the same
+  without it (tests/test_input_pipeline.py).
   """
   return tf.autograph.experimental.do_not_convert(fn)
+
+
+def _parallel_map(ds: tf.data.Dataset, fn) -> tf.data.Dataset:
+  """`ds.map(fn)` on tf.data's threads, in order, with `fn` traced as written (`plain_graph`)."""
+  return ds.map(plain_graph(fn), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def mixing(config: ml_collections.ConfigDict) -> bool:
@@ -333,12 +339,12 @@ def train_iterator(config: ml_collections.ConfigDict, split: Split, start_step: 
   ds = tf.data.Dataset.from_generator(batches, output_signature=(
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None, 2), tf.int64))).unbatch()
-  ds = ds.map(plain_graph(_train_preprocess(config)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = _parallel_map(ds, _train_preprocess(config))
   ds = ds.batch(per_process, drop_remainder=True)
   if mixing(config):
-    ds = ds.map(plain_graph(lambda images, labels, params: augment.mix_pairs(
+    ds = _parallel_map(ds, lambda images, labels, params: augment.mix_pairs(
         images, labels, params, config.dataset.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha,
-        cfg.cutmix_prob)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        cfg.cutmix_prob))
   ds = ds.prefetch(cfg.prefetch).with_options(_options(config))
   # Built eagerly (not a generator function) so that config errors surface at this call.
   return ({'image': image, 'label': label} for image, label in ds.as_numpy_iterator())
@@ -370,6 +376,6 @@ def eval_iterator(config: ml_collections.ConfigDict, split: Split, process_index
   ds = tf.data.Dataset.from_generator(batches, output_signature=(
       tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int64),
       tf.TensorSpec((None,), tf.float32))).unbatch()
-  ds = ds.map(plain_graph(_eval_preprocess(config)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = _parallel_map(ds, _eval_preprocess(config))
   ds = ds.batch(per_process).prefetch(config.input.prefetch).with_options(_options(config))
   return ({'image': image, 'label': label, 'mask': mask} for image, label, mask in ds.as_numpy_iterator())
