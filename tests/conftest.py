@@ -5,6 +5,7 @@ per worker: see pyproject.toml), as most of its time is XLA compilation and
 process start-up, which use one core each.
 """
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import uuid
 # XLA's LLVM optimisation level 0 for every program the suite compiles: compilation, most of the
 # suite's time, takes about 40% less, and the tiny models run no slower (docs/testing.md).
 # Processes the tests start with their own device count take the same setting from `xla_flags`.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 
 
 def xla_flags(devices: int) -> str:
@@ -46,8 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_xdist_auto_num_workers(config):
-  """`-n auto`: one worker per core, at most 4 (each holds a few GB and 8 virtual devices)."""
-  return max(1, min(len(os.sched_getaffinity(0)), 4))
+  """`-n auto`: one worker more than cores, at most 4 (each holds a few GB and 8 virtual devices)."""
+  return max(1, min(len(os.sched_getaffinity(0)) + 1, 4))
 
 
 # The files that take longest, started first so that no worker is left with one at the end.
@@ -67,13 +68,30 @@ def pytest_sessionfinish(session):
     shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A tfds data directory holding the prepared sklearn_digits dataset."""
-  from vit_jax.data.builders.sklearn_digits import SklearnDigits
-  path = str(tmp_path_factory.mktemp('tfds'))
-  SklearnDigits(data_dir=path, file_format='array_record').download_and_prepare()
+def built_once(name: str, build) -> str:
+  """A directory of this run, filled by `build(path)` once for all workers and then only read.
+
+  The first worker to ask builds it holding a file lock; the others wait for the lock and reuse it.
+  A build that fails leaves no mark, so the next worker to ask builds it again."""
+  path = os.path.join(RUN_DIR, name)
+  os.makedirs(RUN_DIR, exist_ok=True)
+  with open(path + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not os.path.exists(path + '.done'):
+      shutil.rmtree(path, ignore_errors=True)
+      os.makedirs(path)
+      build(path)
+      open(path + '.done', 'w').close()
   return path
+
+
+@pytest.fixture(scope='session')
+def data_dir():
+  """A tfds data directory holding the prepared sklearn_digits dataset (prepared once per run)."""
+  def prepare(path):
+    from vit_jax.data.builders.sklearn_digits import SklearnDigits
+    SklearnDigits(data_dir=path, file_format='array_record').download_and_prepare()
+  return built_once('tfds', prepare)
 
 
 @pytest.fixture

@@ -107,11 +107,11 @@ def test_hybrid_and_non_rgb_stems_have_no_pixel_filters():
   assert 'hybrids' in analyze.pixel_filters({'ResNet': {}})[1]
 
 
-def test_analyze_on_the_trained_run_matches_predicts_attention(tiny_config, tmp_path_factory, tmp_path):
+def test_analyze_on_the_trained_run_matches_predicts_attention(tiny_config, tmp_path):
   from vit_jax.data import pipeline
   from vit_jax.tools import predict
 
-  run = load_workdir(trained_workdir(tiny_config, tmp_path_factory))
+  run = load_workdir(trained_workdir(tiny_config))
   # Five test digits as PNG files: the folder path goes through predict's preprocessing.
   split = pipeline.open_split(run.config.dataset, 'test')
   folder = tmp_path / 'digits'
@@ -145,8 +145,8 @@ def test_analyze_on_the_trained_run_matches_predicts_attention(tiny_config, tmp_
   assert '28 principal components of 32 4x4 filters' in result['filters']
 
 
-def test_command_writes_the_figures_for_a_workdir(tiny_config, tmp_path_factory, tmp_path, run_command):
-  workdir = trained_workdir(tiny_config, tmp_path_factory)
+def test_command_writes_the_figures_for_a_workdir(tiny_config, tmp_path, run_command):
+  workdir = trained_workdir(tiny_config)
   out = tmp_path / 'figure7'
   result = run_command('analyze', '--workdir', workdir, '--out', str(out), '--num_images', '6',
                        '--batch_size', '4')

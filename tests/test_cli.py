@@ -116,9 +116,8 @@ def test_a_misspelt_config_key_is_one_short_line_with_the_right_key(tmp_path, ca
   assert not (tmp_path / 'w').exists()
 
 
-def test_a_workdir_config_json_is_a_train_and_memory_config_with_overrides(tiny_config, tmp_path_factory,
-                                                                          tmp_path, capsys):
-  saved = os.path.join(trained_workdir(tiny_config, tmp_path_factory), 'config.json')
+def test_a_workdir_config_json_is_a_train_and_memory_config_with_overrides(tiny_config, tmp_path, capsys):
+  saved = os.path.join(trained_workdir(tiny_config), 'config.json')
   code, out, err = run_cli(capsys, 'memory', '--config', saved, '--config.batch_size=24')
   assert code == 0, err
   assert out.startswith('tiny/4, batch 24 on 8 devices'), out
@@ -258,8 +257,8 @@ def test_a_warmup_as_long_as_the_run_is_one_warning_line_at_start(tmp_path, caps
   assert optim.warmup_warning(config) is None  # 10 of 100 steps.
 
 
-def test_predict_skips_an_undecodable_image_with_a_warning(tiny_config, tmp_path_factory, tmp_path, capsys):
-  workdir = trained_workdir(tiny_config, tmp_path_factory)
+def test_predict_skips_an_undecodable_image_with_a_warning(tiny_config, tmp_path, capsys):
+  workdir = trained_workdir(tiny_config)
   folder = tmp_path / 'images'
   write_png(str(folder / 'a.png'))
   (folder / 'b.png').write_bytes(b'not a png')

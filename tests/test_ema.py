@@ -101,9 +101,9 @@ def test_resume_reproduces_the_average_bitwise_and_evaluates_it(tiny_config, tmp
     loop.train_and_evaluate(config, straight)
 
 
-def test_ema_flag_errors(tiny_config, tmp_path_factory):
+def test_ema_flag_errors(tiny_config):
   from tests.trained_run import trained_workdir
-  workdir = trained_workdir(tiny_config, tmp_path_factory)  # Trained without EMA.
+  workdir = trained_workdir(tiny_config)  # Trained without EMA.
   with pytest.raises(UsageError, match='trained without EMA'):
     run_lib.load_workdir(workdir, ema=True)
   with pytest.raises(UsageError, match='--ema needs --workdir'):

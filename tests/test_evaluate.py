@@ -11,9 +11,9 @@ from vit_jax.tools import evaluate
 from vit_jax.errors import UsageError
 
 
-def test_report_of_the_trained_run(tiny_config, tmp_path_factory, tmp_path):
-  workdir = trained_workdir(tiny_config, tmp_path_factory)
-  run = trained_run(tiny_config, tmp_path_factory)
+def test_report_of_the_trained_run(tiny_config, tmp_path):
+  workdir = trained_workdir(tiny_config)
+  run = trained_run(tiny_config)
   out = tmp_path / 'eval'
   report = evaluate.evaluate_run(run, str(out), num_confused=5)
 
@@ -58,6 +58,6 @@ def test_summary_of_hand_made_predictions():
   assert len(report['most_confused_pairs']) == 2 and all(p['count'] == 1 for p in report['most_confused_pairs'])
 
 
-def test_negative_num_confused_is_refused(tiny_config, tmp_path_factory, tmp_path):
+def test_negative_num_confused_is_refused(tiny_config, tmp_path):
   with pytest.raises(UsageError, match='--num_confused=-1'):
-    evaluate.evaluate_run(trained_run(tiny_config, tmp_path_factory), str(tmp_path), num_confused=-1)
+    evaluate.evaluate_run(trained_run(tiny_config), str(tmp_path), num_confused=-1)

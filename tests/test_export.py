@@ -23,9 +23,9 @@ def images(tmp_path, tiny_config):
   return folder
 
 
-def test_export_then_predict_gives_the_workdir_logits(tiny_config, tmp_path_factory, images, tmp_path, capsys):
-  workdir = trained_workdir(tiny_config, tmp_path_factory)
-  run = trained_run(tiny_config, tmp_path_factory)
+def test_export_then_predict_gives_the_workdir_logits(tiny_config, images, tmp_path, capsys):
+  workdir = trained_workdir(tiny_config)
+  run = trained_run(tiny_config)
   written = export.export_run(run, str(tmp_path / 'export' / 'model.npz'))
   with np.load(written['npz']) as npz:
     keys = set(npz.files)

@@ -49,9 +49,9 @@ def test_frozen_parameters_get_no_optimizer_state(tiny_config):
   assert probe_bytes < full_bytes / 20
 
 
-def test_linear_probe_config_trains_only_the_head(tiny_config, tmp_path_factory, tmp_path):
+def test_linear_probe_config_trains_only_the_head(tiny_config, tmp_path):
   from configs import linear_probe
-  source = trained_workdir(tiny_config, tmp_path_factory)
+  source = trained_workdir(tiny_config)
   config = _shrink(linear_probe.get_config(), tiny_config)
   config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 4
   config.init.path = source

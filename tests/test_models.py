@@ -327,7 +327,10 @@ def test_remat_policies_keep_loss_and_gradients():
                 'dots_with_no_batch_dims_saveable'):
     loss, grads = tiny_loss_and_grads(remat=remat)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6, err_msg=str(remat))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(remat)),
+    # Recomputed activations may be fused and summed in another order: float32 rounding, on the scale
+    # of the largest gradient (a few units here), also in gradients that are nearly zero.
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(expected_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale, err_msg=str(remat)),
                  grads, expected_grads)
 
 

@@ -67,9 +67,9 @@ def test_patch_size_must_divide_each_side(tiny_config):
     model_from_config(tiny_config)
 
 
-def test_square_checkpoint_loads_into_a_non_square_model(tiny_config, tmp_path_factory):
+def test_square_checkpoint_loads_into_a_non_square_model(tiny_config):
   """The shared square run (tiny/4 at 16 px: a 4x4 grid) into a 16x24 model (4x6)."""
-  workdir = trained_workdir(tiny_config, tmp_path_factory)
+  workdir = trained_workdir(tiny_config)
   square = flatten_params(load_pretrained(workdir))
   model = create_model('tiny/4', 10)
   fitted = flatten_params(load_for_model(workdir, model, (16, 24)))
@@ -80,13 +80,12 @@ def test_square_checkpoint_loads_into_a_non_square_model(tiny_config, tmp_path_f
       np.testing.assert_array_equal(fitted[key], square[key], err_msg=key)
 
 
-def test_launcher_fine_tunes_non_square_from_a_square_run_and_predicts(tiny_config, tmp_path_factory,
-                                                                        tmp_path, data_dir, run_command):
+def test_launcher_fine_tunes_non_square_from_a_square_run_and_predicts(tiny_config, tmp_path, data_dir, run_command):
   """`--config.input.image_size='(16, 24)'` on the command line, initialised from the square
   run; then predict on image files through the run's own preprocessing."""
   from vit_jax.checkpoint.run import load_workdir
   from vit_jax.tools import predict
-  square = trained_workdir(tiny_config, tmp_path_factory)
+  square = trained_workdir(tiny_config)
   workdir = tmp_path / 'wide'
   result = train_in_process(run_command, workdir, data_dir, '--config.total_steps=2',
                             '--config.model.variant=tiny/4', '--config.input.image_size=(16, 24)',

@@ -173,11 +173,11 @@ def outside_checkout(tmp_path) -> tuple[str, dict]:
   return str(cwd), env
 
 
-def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_config, tmp_path_factory, tmp_path):
+def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_config, tmp_path):
   from vit_jax import load_workdir
   from vit_jax.tools import export
 
-  workdir = trained_run.trained_workdir(tiny_config, tmp_path_factory)
+  workdir = trained_run.trained_workdir(tiny_config)
   npz = str(tmp_path / 'exported' / 'model.npz')
   os.makedirs(os.path.dirname(npz))
   export.export_run(load_workdir(workdir), npz)

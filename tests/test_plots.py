@@ -27,8 +27,8 @@ def fake_run(path, steps, resumed_at=None):
   return path
 
 
-def test_plot_of_a_real_and_a_fake_run_is_written(tiny_config, tmp_path_factory, tmp_path):
-  real = trained_workdir(tiny_config, tmp_path_factory)
+def test_plot_of_a_real_and_a_fake_run_is_written(tiny_config, tmp_path):
+  real = trained_workdir(tiny_config)
   other = fake_run(tmp_path / 'other', range(10, 101, 10))
   out = tmp_path / 'plots' / 'curves.png'
   plots.plot_curves([real, str(other)], str(out))

@@ -17,13 +17,13 @@ LINE = re.compile(r'^  +(\d+\.\d\d)%  (\S+)$')
 
 
 @pytest.fixture
-def workdir(tiny_config, tmp_path_factory):
-  return trained_workdir(tiny_config, tmp_path_factory)
+def workdir(tiny_config):
+  return trained_workdir(tiny_config)
 
 
 @pytest.fixture
-def run(tiny_config, tmp_path_factory):
-  return trained_run(tiny_config, tmp_path_factory)
+def run(tiny_config):
+  return trained_run(tiny_config)
 
 
 @pytest.fixture

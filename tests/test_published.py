@@ -41,9 +41,9 @@ def adapt_filename(row):
 
 
 @pytest.fixture
-def mirror(tiny_config, tmp_path_factory, tmp_path, monkeypatch):
+def mirror(tiny_config, tmp_path, monkeypatch):
   """A local gs://vit_models (and gs://big_vision) holding the trained tiny run; a fresh cache."""
-  run = load_workdir(trained_workdir(tiny_config, tmp_path_factory))
+  run = load_workdir(trained_workdir(tiny_config))
   root = tmp_path / 'vit_models'
   files = ['imagenet21k/ViT-tiny', f'augreg/{TI}'] + [f'augreg/{r[3]}' for r in ROWS] + [
       f'augreg/{adapt_filename(r)}' for r in ROWS]
@@ -185,7 +185,7 @@ def test_finetune_from_a_published_name(mirror, copies, tiny_config, tmp_path, c
     np.testing.assert_array_equal(tuned[key], expected, err_msg=key)
 
 
-def test_evaluate_a_published_checkpoint_with_only_a_config_file(mirror, tiny_config, tmp_path_factory, tmp_path):
+def test_evaluate_a_published_checkpoint_with_only_a_config_file(mirror, tiny_config, tmp_path):
   from vit_jax.checkpoint.run import run_from_flags
   from vit_jax.tools import evaluate
   config_file = tmp_path / 'eval_config.py'
@@ -198,7 +198,7 @@ def test_evaluate_a_published_checkpoint_with_only_a_config_file(mirror, tiny_co
   assert run.class_names == [str(d) for d in range(10)] and run.step is None
   report = evaluate.evaluate_run(run, str(tmp_path / 'eval'), num_confused=2)
   # The same parameters as the trained run: the same accuracy on the same split.
-  reference = evaluate.evaluate_run(load_workdir(trained_workdir(tiny_config, tmp_path_factory)), str(tmp_path / 'ref'), 2)
+  reference = evaluate.evaluate_run(load_workdir(trained_workdir(tiny_config)), str(tmp_path / 'ref'), 2)
   assert report['num_examples'] == 360 and report['accuracy'] == reference['accuracy']
   assert json.loads((tmp_path / 'eval/report.json').read_text())['accuracy'] == report['accuracy']
   with pytest.raises(UsageError, match='No config for .imagenet21k/ViT-tiny.*pass --config'):
