@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +212,46 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   logits, out = jax.jit(model.apply)(variables, images)
   assert out['encoded'].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+
+
+def _cpu_dot_operand_types(hlo: str) -> list[str]:
+  """'lhs x rhs -> out' element types of every dot in a compiled XLA:CPU program's text."""
+  types = []
+  for computation in re.split(r'\n(?=\S)', hlo):
+    for dot in re.finditer(r'= (\w+)\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)', computation):
+      operands = [re.search(r'%' + re.escape(name) + r' = (\w+)\[', computation).group(1)
+                  for name in dot.group(2, 3)]
+      types.append(f'{operands[0]} x {operands[1]} -> {dot.group(1)}')
+  return types
+
+
+def test_bfloat16_projections_multiply_in_bfloat16_on_cpu_with_the_same_values():
+  """XLA:CPU converts a bfloat16 product that returns bfloat16 to float32; asked for float32 it keeps
+  the operands in bfloat16 (YNNPACK's kernel). The model's projections ask that way on CPU, and
+  round to bfloat16 as before: the products equal float32 products of the same operands, rounded."""
+  from vit_jax.cpu import kernels
+  from vit_jax.models.layers import projection_dot_general
+  x, w = normal(0, (64, 48), jnp.bfloat16), normal(1, (48, 96), jnp.bfloat16)
+  numbers = (((1,), (0,)), ((), ()))
+  compiled = jax.jit(lambda x, w: projection_dot_general(x, w, numbers)).lower(x, w).compile()
+  assert _cpu_dot_operand_types(compiled.as_text()) == ['bf16 x bf16 -> f32']
+  plain = jax.jit(lambda x, w: jax.lax.dot_general(x, w, numbers)).lower(x, w).compile()
+  assert _cpu_dot_operand_types(plain.as_text()) == ['f32 x f32 -> f32']  # What the old route ran.
+  rounded = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), numbers).astype(jnp.bfloat16)
+  for product in (compiled(x, w), kernels.bfloat16_dot_general(x, w, numbers)):
+    assert product.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(product, np.float32), np.asarray(rounded, np.float32), rtol=1e-2)
+    assert np.mean(np.asarray(product) == np.asarray(rounded)) > 0.95  # Mostly bitwise: only sums' order differs.
+
+  # The whole bfloat16 model: every forward projection multiplies in bfloat16 (2 layers x 6).
+  model = create_model('tiny/4', 10, dtype=jnp.bfloat16)
+  images = normal(2, (2, 16, 16, 3))
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x)[0]).lower(params, images).compile()
+  assert _cpu_dot_operand_types(forward.as_text()).count('bf16 x bf16 -> f32') == 12
+  logits = forward(params, images)
+  reference = create_model('tiny/4', 10, dtype=jnp.float32).apply({'params': params}, images)[0]
+  np.testing.assert_allclose(logits, reference, atol=0.05)  # bfloat16 rounding of a float32 model.
 
 
 def test_bad_variant_and_patch_size_errors():

@@ -58,7 +58,9 @@ def projection_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=
   layers make (trailing axes of the inputs with leading axes of the kernel,
   no batch axes, default precision) the backward is chosen per lowering
   platform: `kernels.dense_backward` (a weight gradient written for XLA:CPU)
-  on CPU, autodiff's products elsewhere. Anything else is `lax.dot_general`.
+  on CPU, autodiff's products elsewhere; so is a bfloat16 forward product
+  (`kernels.bfloat16_dot_general` on CPU, which XLA:CPU then multiplies in
+  bfloat16). Anything else is `lax.dot_general`.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   n = len(lhs_contract)
@@ -76,7 +78,12 @@ def _contract(num_contract: int, lhs_ndim: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _projection(lhs: Array, rhs: Array, num_contract: int) -> Array:
-  return jax.lax.dot_general(lhs, rhs, _contract(num_contract, lhs.ndim))
+  dimension_numbers = _contract(num_contract, lhs.ndim)
+  if lhs.dtype == rhs.dtype == jnp.bfloat16:  # XLA:CPU multiplies in bfloat16 only when asked this way.
+    return jax.lax.platform_dependent(
+        lhs, rhs, cpu=functools.partial(kernels.bfloat16_dot_general, dimension_numbers=dimension_numbers),
+        default=functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers))
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers)
 
 
 def _projection_fwd(lhs, rhs, num_contract):
