@@ -286,7 +286,10 @@ def test_full_workdir_fails_cleanly_and_keeps_the_previous_checkpoints(saved_run
   workdir = tmp_path / 'run'
   shutil.copytree(saved_run[0], workdir)
   before = snapshot(workdir)
-  limit = 64 * 1024  # Bytes per file: config.json fits, a checkpoint's arrays do not.
+  # Bytes per file: config.json (2 KB) and the metrics fit; every checkpoint's _sharding and _METADATA
+  # files (about 50 KB each) do not. (64 KiB let a checkpoint through when orbax happened to split its
+  # arrays into data files under 64 KiB each.)
+  limit = 32 * 1024
   rc, errors = launch_bad(workdir, data_dir, '--config.checkpoint_every_steps=2',
                           prefix=('prlimit', f'--fsize={limit}', '--'))
   assert rc == 2 and len(errors) == 1, errors
