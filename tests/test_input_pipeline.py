@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from vit_jax.data import pipeline
+from vit_jax.data import pipeline, preprocess
 from vit_jax.data.builders import sklearn_digits
 from vit_jax.errors import UsageError
 
@@ -102,7 +102,7 @@ def test_train_images_have_model_shape_and_range(tiny_config):
 
 
 def test_map_functions_traced_without_autograph_give_the_same_batches(tiny_config, monkeypatch):
-  """The pipeline maps its functions as written (`pipeline.plain_graph`, no AutoGraph rewrite, about 1 s
+  """The pipeline maps its functions as written (`preprocess.plain_graph`, no AutoGraph rewrite, about 1 s
   of every process start); with AutoGraph's rewrite the batches are the same, augmentations on."""
   split = pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.input.train_crop = 'random_resized'
@@ -116,7 +116,7 @@ def test_map_functions_traced_without_autograph_give_the_same_batches(tiny_confi
     return [next(train) for _ in range(2)] + [next(pipeline.eval_iterator(tiny_config, split))]
 
   plain = batches()
-  monkeypatch.setattr(pipeline, 'plain_graph', lambda fn: fn)  # Dataset.map's default: AutoGraph on.
+  monkeypatch.setattr(preprocess, 'plain_graph', lambda fn: fn)  # Dataset.map's default: AutoGraph on.
   converted = batches()
   for a, b in zip(plain, converted):
     assert a.keys() == b.keys()

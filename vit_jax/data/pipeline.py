@@ -195,22 +195,9 @@ def model_input(image: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
                    "([-1, 1] for the published ViT models) or 'mean_std'.")
 
 
-def plain_graph(fn):
-  """`fn` for `Dataset.map` as written, without AutoGraph's rewrite.
-
-  AutoGraph turns Python control flow on tensors into graph ops by
-  re-parsing and transpiling each map function: about 1 s of every run's
-  start on a 2-core CPU (docs/performance.md). The preprocessing here
-  branches only on Python config values and uses tf.cond/tf.switch_case/
-  tf.where for data-dependent choices, so the traced graph is the same
-  without it (tests/test_input_pipeline.py).
-  """
-  return tf.autograph.experimental.do_not_convert(fn)
-
-
 def _parallel_map(ds: tf.data.Dataset, fn) -> tf.data.Dataset:
-  """`ds.map(fn)` on tf.data's threads, in order, with `fn` traced as written (`plain_graph`)."""
-  return ds.map(plain_graph(fn), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  """`ds.map(fn)` on tf.data's threads, in order, with `fn` traced as written (`preprocess.plain_graph`)."""
+  return ds.map(preprocess.plain_graph(fn), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def mixing(config: ml_collections.ConfigDict) -> bool:

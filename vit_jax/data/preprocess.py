@@ -9,6 +9,21 @@ import tensorflow as tf
 
 from vit_jax.config.sizes import image_hw
 
+
+def plain_graph(fn):
+  """`fn` for `Dataset.map` as written, without AutoGraph's rewrite.
+
+  AutoGraph turns Python control flow on tensors into graph ops by
+  re-parsing and transpiling each map function: about 1 s of every run's
+  start on a 2-core CPU (docs/performance.md). The preprocessing here
+  branches only on Python config values and uses tf.cond/tf.switch_case/
+  tf.where for data-dependent choices, so the traced graph is the same
+  without it (tests/test_input_pipeline.py). The pipeline's maps and the
+  image-folder builder's decode check use it.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 # `size` below is one side (a square) or (height, width), as `config.input.image_size`.
 
 

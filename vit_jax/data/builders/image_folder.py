@@ -91,6 +91,8 @@ def _decodable(paths: list[str]) -> np.ndarray:
   """Boolean mask: which files decode as images (decoded in parallel by tf.data)."""
   import tensorflow as tf  # Only needed while indexing; keeps `--help` light.
 
+  from vit_jax.data.preprocess import plain_graph
+
   if not paths:
     return np.zeros(0, bool)
 
@@ -100,8 +102,7 @@ def _decodable(paths: list[str]) -> np.ndarray:
     return index
 
   ds = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int64)))
-  # Mapped as written, without AutoGraph's rewrite (as vit_jax.data.pipeline.plain_graph).
-  ds = ds.map(tf.autograph.experimental.do_not_convert(check), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(plain_graph(check), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors()
   ok = np.zeros(len(paths), bool)
   ok[list(ds.as_numpy_iterator())] = True
