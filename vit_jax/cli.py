@@ -33,6 +33,8 @@ COMMANDS = {
                        'distance', True, True),
     'summary': Command('vit_jax.tools.summary', 'parameters per module and GFLOPs of a variant', False),
     'devices': Command('vit_jax.tools.devices', 'the devices JAX sees and the attention it runs there', False),
+    'selfcheck': Command('vit_jax.tools.selfcheck', 'after installing: train a few steps every way on the '
+                         'devices JAX sees and check that they agree', False, True),
     'memory': Command('vit_jax.tools.memory', 'per-device memory of a config, from shapes alone', True),
     'sweep': Command('vit_jax.sweeps.command', 'run an ablation sweep file and report it', False),
     'benchmark': Command('vit_jax.bench.benchmark', 'train/inference images/s and MFU of a variant', False,
