@@ -41,9 +41,9 @@ def test_selfcheck_passes_on_8_cpu_devices_without_tensorflow_or_ml_collections(
   assert len(re.findall(r'MFU \d', out)) == len(selfcheck.LAYOUTS) * len(implementations)
   assert 'peak device memory: n/a (cpu devices report none); process peak RSS' in out
   passed = [line for line in out.splitlines() if line.startswith('PASS ')]
-  assert len(passed) == 4, out  # Losses, two save/restore round trips, FSDP splits the parameters.
+  assert len(passed) == 5, out  # Runs, losses, two save/restore round trips, FSDP splits the parameters.
   assert 'of 40 parameter arrays split over devices' in out and '(0 of 40' in out  # Data-parallel replicates.
-  assert f'selfcheck passed: {len(selfcheck.LAYOUTS) * len(implementations)} runs, 4 checks' in out
+  assert f'selfcheck passed: {len(selfcheck.LAYOUTS) * len(implementations)} runs, 5 checks' in out
 
 
 def run(layout: str, losses: list[float]) -> selfcheck.Run:
@@ -52,7 +52,7 @@ def run(layout: str, losses: list[float]) -> selfcheck.Run:
 
 def test_losses_that_disagree_do_not_fall_or_are_not_finite_fail():
   reference = run('data-parallel', [2.30, 2.10, 1.90])
-  close = run('fsdp', [2.30, 2.11, 1.91])  # Within bfloat16's 0.02 + 0.02 x loss.
+  close = run('fsdp', [2.30, 2.11, 1.91])  # Within bfloat16's 0.01 + 0.005 x loss.
   assert selfcheck.loss_failures([reference, close], 'bfloat16')[0] == []
   assert selfcheck.loss_failures([reference, close], 'float32')[0] != []  # float32 is held tighter.
   failures, largest = selfcheck.loss_failures([reference, run('fsdp', [2.30, 2.25, 1.90])], 'bfloat16')

@@ -36,7 +36,8 @@ def report() -> tuple[str, list[str]]:
   accelerator = hostmem.accelerator_in_use()
   lines.append('host memory settings (vit_jax/cpu/hostmem.py): ' + (
       f'left alone, {accelerator}' if accelerator else
-      'applied by train, predict, evaluate and the benchmarks (CPU backend)'))
+      'applied by the commands that run the model: train, predict, evaluate, the benchmarks, selfcheck, ... '
+      '(CPU backend)'))
   return backend, lines
 
 

@@ -10,10 +10,13 @@ with each attention implementation of the model, and checks that they agree.
 Each run builds the launcher's train step (`vit_jax.training.setup`: the same
 model, optimizer, shardings and jit), starts from the same parameters and
 takes --steps steps on one fixed synthetic batch whose labels the images give
-away. Checks: every loss is finite; the loss falls in every run; every run's
-losses equal the first run's step by step within the dtype's tolerance
-(`TOLERANCE`); each layout's final train state, saved with orbax to a
-temporary directory and restored into its shardings, comes back bit for bit.
+away. Checks: every run trains (a step that fails to trace, compile or fit is
+a FAIL line, and the other runs go on); every loss is finite; the loss falls
+in every run; every run's losses equal the first run's step by step within
+the dtype's tolerance (`TOLERANCE`); each layout's final train state, saved
+as the launcher saves it (orbax, `vit_jax.checkpoint`) to a temporary
+directory and restored as a resumed run restores it, into its shardings,
+comes back bit for bit; FSDP splits the parameters.
 Prints each run's images/s and MFU (XLA's FLOP count of the step against the
 matmul ceiling measured here, as `vit-jax benchmark` does) and the peak
 device memory (`device.memory_stats()`; CPU devices report none, so there the
@@ -37,10 +40,11 @@ from vit_jax.errors import ArgumentParser, UsageError
 
 # Layouts: name -> (config.mesh.data, config.mesh.fsdp).
 LAYOUTS = {'data-parallel': (-1, 1), 'fsdp': (1, -1)}
-# Largest |loss - first run's loss| allowed at each step: atol + rtol * |first run's loss|. bfloat16
-# keeps 8 bits of mantissa (relative rounding 2**-9): attention implementations and layouts that sum
-# in another order drift apart by a few of those per step. float32 is held 100x tighter.
-TOLERANCE = {'bfloat16': (0.02, 0.02), 'float32': (2e-4, 2e-4)}
+# Largest |loss - first run's loss| allowed at each step: atol + rtol * |first run's loss|. bfloat16 keeps
+# 8 bits of mantissa: implementations and layouts that round and sum in another order drift apart (on
+# CPU, Ti/16 at 64 px: 0.0002 after 5 steps); an attention that attends to the wrong tokens, or a
+# gradient lost in a layout, moves the loss by far more. float32 is held 100x tighter.
+TOLERANCE = {'bfloat16': (0.01, 0.005), 'float32': (1e-4, 5e-5)}
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-3
 IMAGES_PER_DEVICE = 32  # The default batch: 32 images per device.
@@ -288,32 +292,42 @@ def selfcheck(args) -> int:
     print(f'attention={attention}: '
           f'{attention_implementation(run_config(args, "data-parallel", attention), platform)}', flush=True)
   host_state = initial_state(args, batch)
-  runs, programs = [], {}
+  runs, programs, crashed = [], {}, []
   for layout in layouts:
     for attention in args.attention:
-      run = train(args, layout, attention, batch, host_state, programs)
+      try:
+        run = train(args, layout, attention, batch, host_state, programs)
+      except Exception as e:  # A step that does not trace, compile or fit (e.g. out of memory): a FAIL line.
+        crashed.append(f'{layout}/{attention}: {one_line(e)}')
+        print(f'  {layout:<13} {attention:<9} failed: {one_line(e)}', flush=True)
+        continue
       runs.append(run)
       compiled = (f'compile {run.compile_seconds:.1f} s' if run.same_as is None else
                   f'the same program as {run.same_as}')
       print(f'  {layout:<13} {attention:<9} loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}  '
             f'{run.images_per_second:8.1f} img/s  {compiled}', flush=True)
 
-  failures, largest = loss_failures(runs, args.dtype)
-  checks = [('losses finite, falling and equal to the first run\'s within '
-             f'{TOLERANCE[args.dtype][0]} + {TOLERANCE[args.dtype][1]} x loss (largest difference '
-             f'{largest:.5f})', failures)]
+  checks = [(f'every run trained ({len(runs)} of {len(runs) + len(crashed)})', crashed)]
+  if runs:
+    failures, largest = loss_failures(runs, args.dtype)
+    checks.append((f'losses finite, falling and equal to {runs[0].layout}/{runs[0].attention}\'s within '
+                   f'{TOLERANCE[args.dtype][0]} + {TOLERANCE[args.dtype][1]} x loss (largest difference '
+                   f'{largest:.5f})', failures))
   with tempfile.TemporaryDirectory(prefix='vit_jax_selfcheck_') as directory:
     for layout in layouts:
-      run = next(r for r in runs if r.layout == layout)
+      run = next((r for r in runs if r.layout == layout), None)
+      if run is None:
+        continue
       split, total = split_arrays(run)
-      different = round_trip(run, os.path.join(directory, layout))
-      checks.append((f'orbax save and restore of the {layout} train state, bit for bit, shardings kept '
-                     f'({split} of {total} parameter arrays split over devices)',
-                     [f'{layout}: {name}' for name in different]))
-  if layouts.count('fsdp'):
-    split, _ = split_arrays(next(r for r in runs if r.layout == 'fsdp'))
-    checks.append(('fsdp splits parameters over the devices', [] if split else ['fsdp: every parameter array is '
-                                                                                'replicated']))
+      try:
+        different = [f'{layout}: {name}' for name in round_trip(run, os.path.join(directory, layout))]
+      except Exception as e:  # Orbax could not write or read it back.
+        different = [f'{layout}: {one_line(e)}']
+      checks.append((f'orbax save and restore of the {layout} train state as the launcher does, bit for '
+                     f'bit, shardings kept ({split} of {total} parameter arrays split over devices)', different))
+      if layout == 'fsdp':
+        checks.append(('fsdp splits parameters over the devices',
+                       [] if split else ['fsdp: every parameter array is replicated']))
 
   if args.ceiling_sizes:
     ceiling = MatmulCeiling(args.dtype, args.ceiling_sizes).flops_per_second()
@@ -328,6 +342,12 @@ def selfcheck(args) -> int:
   print(peak_memory_line(devices))
 
   return report(checks, len(runs))
+
+
+def one_line(error: Exception) -> str:
+  """An exception as one short line: its type and the first line of its message."""
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:300] if text else ""}'
 
 
 def report(checks: list[tuple[str, list[str]]], runs: Optional[int] = None) -> int:
