@@ -15,25 +15,21 @@ new config builds:
 Every process takes the same decision: process 0's verdict is broadcast.
 """
 
-from __future__ import annotations
-
 import datetime
 import json
 import os
 import re
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from vit_jax.errors import UsageError
-
-if TYPE_CHECKING:  # Annotations only: checkpoints are also saved where ml_collections is not installed
-  import ml_collections  # (an accelerator image with jax, flax, optax and orbax: vit-jax selfcheck).
 
 # Verdicts on a checkpoint, as small integers so that processes can agree on them.
 _FITS, _DAMAGED, _INCOMPATIBLE = 0, 1, 2

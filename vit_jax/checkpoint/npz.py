@@ -24,24 +24,20 @@ pre-Linen shape (1, 1, 1, channels); they are read as Linen's (channels,) and
 written back in the release's shape (`_GROUPNORM_KEY`).
 """
 
-from __future__ import annotations
-
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
 from vit_jax.models.vit import stack_blocks, unstack_blocks
-
-if TYPE_CHECKING:  # Annotations only: checkpoints are also saved where ml_collections is not installed
-  import ml_collections  # (an accelerator image with jax, flax, optax and orbax: vit-jax selfcheck).
 
 Params = dict[str, Any]
 

@@ -5,10 +5,7 @@ fields. The returned config is locked by the launcher: `--config.KEY=VALUE`
 overrides are type-checked and a misspelt key is an error.
 """
 
-try:
-  import ml_collections
-except ImportError:  # An accelerator image with jax, flax, optax and orbax only: vit_jax/config/minimal.py.
-  from vit_jax.config import minimal as ml_collections
+import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -23,8 +23,8 @@ device memory (`device.memory_stats()`; CPU devices report none, so there the
 process's peak RSS, labelled as such).
 
 Ends with `selfcheck passed` and exit code 0, or one `FAIL` line per failed
-check and an `error:` line, exit code 1. Needs jax, flax, optax and orbax:
-neither TensorFlow nor ml_collections.
+check and an `error:` line, exit code 1. Needs vit_jax's dependencies
+but not TensorFlow (nor the data pipeline).
 """
 
 import math

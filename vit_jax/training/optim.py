@@ -1,17 +1,13 @@
 """The optax optimizer and learning-rate schedule, built from `config.optimizer`."""
 
-from __future__ import annotations
-
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
+import ml_collections
 import optax
 
 from vit_jax.errors import UsageError
-
-if TYPE_CHECKING:  # Annotations only: the train step also runs where ml_collections is not installed
-  import ml_collections  # (an accelerator image with jax, flax, optax and orbax: vit-jax selfcheck).
 
 
 def create_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -5,13 +5,12 @@ the benchmark; it imports no TensorFlow (no data pipeline), so the benchmark
 runs on accelerator hosts without it.
 """
 
-from __future__ import annotations
-
 import functools
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+import ml_collections
 import optax
 from jax.sharding import Mesh
 
@@ -20,9 +19,6 @@ from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 from vit_jax.training import optim, sharding
 from vit_jax.training.steps import TrainState, create_train_state, eval_step, train_step
-
-if TYPE_CHECKING:  # Annotations only: the train step also runs where ml_collections is not installed
-  import ml_collections  # (an accelerator image with jax, flax, optax and orbax: vit-jax selfcheck).
 
 
 def checkpoint_metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

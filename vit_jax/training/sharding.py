@@ -8,8 +8,6 @@ With the default `fsdp = 1` this is exactly the layout pmap gave. The train
 step is the same function whatever the layout: only the shardings change.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import math
@@ -17,16 +15,14 @@ import os
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax.errors import UsageError
-
-if TYPE_CHECKING:  # Annotations only: the train step also runs where ml_collections is not installed
-  import ml_collections  # (an accelerator image with jax, flax, optax and orbax: vit-jax selfcheck).
 
 BATCH_AXES = ('data', 'fsdp')
 
