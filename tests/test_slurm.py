@@ -10,20 +10,26 @@ In CI ($CI set) these tests fail where the cluster cannot start; elsewhere a
 machine without SLURM's packages skips them, saying so.
 """
 
+import csv
+import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from tests.conftest import REPO, xla_flags
-from tests.slurm_cluster import Cluster, ClusterError, missing_programs
+from tests.slurm_cluster import CHECK_PERIOD_S, Cluster, ClusterError, missing_programs
 from tests.test_scale import STEPS, TOLERANCE, assert_same_params, config, one_device_run  # noqa: F401
 from vit_jax import checkpoint
+from vit_jax.config import defaults
+from vit_jax.sweeps import slurm, sweep as sweep_lib
 from vit_jax.training import loop, sharding
 
 TRAIN_SCRIPT = os.path.join(REPO, 'slurm', 'train.sbatch')
@@ -85,3 +91,126 @@ def test_two_tasks_equal_one_process(cluster, config, one_device_run, tmp_path):
   assert int(restored.step) == STEPS
   assert_same_params(restored.params, one_device_run[0].params)
   assert_same_params(restored.opt_state, one_device_run[0].opt_state)
+
+
+# The time-limit run: about 25 s of training on an idle core, with its start-up longer than SLURM's
+# 30 s between time-limit checks; evaluated and saved only at its end (and when stopped).
+LIMITED_STEPS = 600
+LIMITED_FLAGS = ('--config.batch_size=32', f'--config.total_steps={LIMITED_STEPS}', '--config.log_every_steps=50',
+                 f'--config.eval_every_steps={LIMITED_STEPS}', f'--config.checkpoint_every_steps={LIMITED_STEPS}',
+                 '--config.model.dropout_rate=0.1')
+WARNING_S = 5  # sbatch --signal=B:USR1@5 with --time=1: warned at slurmctld's first check >= 25 s into the job.
+FIRST_CHECK_S = 28  # The job is submitted this long before a check.
+
+
+def test_time_limit_warning_saves_requeues_and_resumes_bitwise(cluster, data_dir, tmp_path):
+  """A 1-minute job warned before its limit: saves, requeues itself, ends equal to an uninterrupted run."""
+  workdir, reference, output = tmp_path / 'limited', tmp_path / 'reference', tmp_path / 'job.out'
+  data_flag = f'--config.dataset.data_dir={data_dir}'
+  uninterrupted = subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax', 'train', '--config', 'configs/base.py', '--workdir', str(reference),
+       data_flag, *LIMITED_FLAGS], cwd=REPO, env=job_env(cluster), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    # slurmctld checks time limits every 30 s from its start: submit FIRST_CHECK_S before a check, so
+    # that the warning comes at that check, well into the training and well before its end.
+    last = (cluster.time_limit_checks() or [cluster.controller_started])[-1]
+    check = last + datetime.timedelta(seconds=CHECK_PERIOD_S)
+    while (check - datetime.datetime.now()).total_seconds() < FIRST_CHECK_S:
+      check += datetime.timedelta(seconds=CHECK_PERIOD_S)
+    time.sleep(max(0.0, (check - datetime.datetime.now()).total_seconds() - FIRST_CHECK_S))
+    job = sbatch(cluster, '--time=1', f'--signal=B:USR1@{WARNING_S}', '--nodes=1', '--ntasks-per-node=1',
+                 '--gpus-per-node=0', f'--output={output}', TRAIN_SCRIPT, 'configs/base.py', str(workdir),
+                 data_flag, *LIMITED_FLAGS)
+    assert cluster.wait_jobs([job], timeout_s=600) == {job: 'COMPLETED'}, output.read_text()[-3000:]
+    _, stderr = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, stderr[-3000:]
+  finally:
+    if uninterrupted.poll() is None:
+      uninterrupted.kill()
+  log = output.read_text()
+  restarts = int(cluster.run('scontrol', 'show', 'job', job).stdout.split('Restarts=')[1].split()[0])
+  assert restarts >= 1 and f'job {job} start {restarts} ' in log, log[-3000:]
+  assert f'time-limit warning: stopping and requeueing job {job}' in log
+  saved = int(log.split('Received SIGUSR1: saved the checkpoint of step ')[1].split()[0])
+  assert 0 < saved < LIMITED_STEPS
+  assert f'Resuming from the checkpoint at step {saved}' in log
+  assert f'step {LIMITED_STEPS}/{LIMITED_STEPS}' in log
+
+  config = defaults.get_config()
+  config.dataset.data_dir = data_dir
+  config.batch_size, config.total_steps, config.model.dropout_rate = 32, LIMITED_STEPS, 0.1
+  expected, actual = restore(reference, config), restore(workdir, config)
+  assert int(actual.step) == int(expected.step) == LIMITED_STEPS
+  for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
+                  jax.tree.leaves((expected.params, expected.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # Bitwise.
+
+
+# A 2x2 sweep of the tiny model, 8 steps a trial: its trials are mostly launcher start-up.
+SWEEP = '''
+BASE_CONFIG = 'configs/base.py'
+OVERRIDES = {{'total_steps': 8, 'batch_size': 16, 'eval_batch_size': 120, 'log_every_steps': 4,
+             'eval_every_steps': 8, 'checkpoint_every_steps': 8, 'optimizer.warmup_steps': 2,
+             'dataset.data_dir': {data_dir!r}}}
+GRID = {{'model.posemb': ['learn', 'none'], 'model.pool': ['token', 'gap']}}
+'''
+
+
+def table_without_wall(workdir):
+  """results.csv's rows without the wall time, which no two runs share."""
+  with open(workdir / 'results.csv') as f:
+    return [{k: v for k, v in row.items() if k != 'wall s per trial'} for row in csv.DictReader(f)]
+
+
+def test_sweep_as_job_array_resubmits_a_cancelled_trial_and_reports_as_locally(
+    cluster, data_dir, tmp_path, monkeypatch, run_command):
+  monkeypatch.chdir(REPO)
+  for key, value in job_env(cluster).items():  # This process submits; its jobs inherit the environment.
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(slurm, 'POLL_S', 0.5)
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(SWEEP.format(data_dir=data_dir))
+  workdir, local_workdir = tmp_path / 'on_slurm', tmp_path / 'local'
+  command = ['sweep', str(sweep_file), '--workdir', str(workdir), '--executor', 'slurm', '--detach']
+
+  # The same sweep run locally beside it, for the report to equal.
+  local = subprocess.Popen([sys.executable, '-m', 'vit_jax', 'sweep', str(sweep_file), '--workdir', str(local_workdir),
+                            '--parallel', '2'], cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    first = run_command(*command)
+    assert first.returncode == 0, first.stderr
+    assert f'4 trials in {workdir}: 4 new.' in first.stdout
+    array = first.stdout.split('Submitted job array ')[1].split(':')[0]
+    assert f'Submitted job array {array}: trial(s) 0,1,2,3' in first.stdout
+    # The node has 2 CPUs: trials 0 and 1 run, 2 and 3 wait. Trial 3's job is cancelled before it starts.
+    cluster.run('scancel', f'{array}_3')
+
+    again = run_command(*command)  # Progress, and only the cancelled trial goes back to the queue.
+    assert again.returncode == 0, again.stderr
+    assert 'vanished' in again.stdout.split('\n')[0] and 'new' not in again.stdout.split('\n')[0]
+    plan = sweep_lib.load_sweep(str(sweep_file))
+    assert f'resubmitting trial 3 {plan.trials[3].name} (vanished)' in again.stdout
+    second_array = again.stdout.split('Submitted job array ')[1].split(':')[0]
+    assert f'Submitted job array {second_array}: trial(s) 3 ' in again.stdout
+    cluster.wait_jobs([f'{array}_{i}' for i in range(3)] + [f'{second_array}_3'])
+
+    last = run_command(*command)  # All ended: the report.
+    assert last.returncode == 0, last.stderr
+    assert f'4 trials in {workdir}: 4 finished.' in last.stdout and 'Submitted' not in last.stdout
+    stdout, stderr = local.communicate(timeout=600)
+    assert local.returncode == 0, stderr[-3000:]
+  finally:
+    if local.poll() is None:
+      local.kill()
+  assert table_without_wall(workdir) == table_without_wall(local_workdir)
+  assert (workdir / 'results.md').read_text() in last.stdout
+  for png in ('eval_accuracy_by_key.png', 'eval_accuracy_by_point.png', 'curves.png'):
+    assert (workdir / png).stat().st_size > 10_000
+  # The layout of a local sweep, and each array task's output beside the scripts.
+  for trial in plan.trials:
+    attempts = [json.loads(line) for line in open(workdir / trial.name / sweep_lib.ATTEMPTS_FILE)]
+    assert [a['status'] for a in attempts] == ['finished']
+    assert attempts[0]['slurm_job'] == f'{second_array if trial.index == 3 else array}_{trial.index}'
+  assert (workdir / 'slurm' / f'{second_array}_3.out').read_text().count('trial finished at step 8') == 1

@@ -34,7 +34,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   slurm_flags.add_argument('--detach', action='store_true',
                            help='return after submitting; run the same command again for progress and the report')
   args = parser.parse_args(argv)
-  slurm_options = slurm.Options(args.partition, args.time, args.gpus_per_task, args.nodes, args.sbatch)
+  slurm_options = slurm.Options(args.partition, args.time, args.gpus_per_task, args.nodes, tuple(args.sbatch))
   try:
     if args.parallel < 1:
       raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
