@@ -3,7 +3,7 @@
 munged (its own key and socket), slurmctld and slurmd from Debian's packages
 (`.ci/install_slurm`), configured by a slurm.conf in the directory that the
 clients find through $SLURM_CONF. No accounting database: jobs are followed
-with `squeue`. Timers are short (a requeued job may start again after 6 s
+with `squeue`. Timers are short (a requeued job may start again after 11 s
 instead of 121 s; the scheduler looks at pending jobs every second) but the
 time-limit check runs every 30 s as on any cluster: it is compiled into
 slurmctld (PERIODIC_TIMEOUT). Each daemon is stopped by the PID it wrote.
@@ -69,8 +69,8 @@ class Cluster:
         'ClusterName': 'vitjax', 'SlurmctldHost': f'{self.node}(127.0.0.1)',
         'SlurmctldPort': controller_port, 'SlurmdPort': node_port,
         'AuthType': 'auth/munge', 'CredType': 'cred/munge',
-        # A requeued job may start again 6 s after it stopped, not 121 s (the launch credential's lifetime).
-        'AuthInfo': f'socket={munge}/socket,cred_expire=5',
+        # A requeued job may start again 11 s after it stopped, not 121 s (the launch credential's lifetime).
+        'AuthInfo': f'socket={munge}/socket,cred_expire=10',
         'SlurmUser': 'root', 'SlurmdUser': 'root',
         'StateSaveLocation': self._file('state'), 'SlurmdSpoolDir': self._file('spool'),
         'SlurmctldPidFile': self._file('slurmctld.pid'), 'SlurmdPidFile': self._file('slurmd.pid'),

@@ -93,14 +93,19 @@ def test_two_tasks_equal_one_process(cluster, config, one_device_run, tmp_path):
   assert_same_params(restored.opt_state, one_device_run[0].opt_state)
 
 
-# The time-limit run: about 25 s of training on an idle core, with its start-up longer than SLURM's
-# 30 s between time-limit checks; evaluated and saved only at its end (and when stopped).
-LIMITED_STEPS = 600
+# The time-limit run: on an idle core its start-up (about 8 s) and training (about 25 s) outlast the 28 s
+# to its warning; on a loaded one it may need a third start. Evaluated and saved only at its end and when
+# stopped.
+LIMITED_STEPS = 900
 LIMITED_FLAGS = ('--config.batch_size=32', f'--config.total_steps={LIMITED_STEPS}', '--config.log_every_steps=50',
                  f'--config.eval_every_steps={LIMITED_STEPS}', f'--config.checkpoint_every_steps={LIMITED_STEPS}',
                  '--config.model.dropout_rate=0.1')
-WARNING_S = 5  # sbatch --signal=B:USR1@5 with --time=1: warned at slurmctld's first check >= 25 s into the job.
-FIRST_CHECK_S = 28  # The job is submitted this long before a check.
+# sbatch --time=1 --signal=B:USR1@10: warned at slurmctld's first time-limit check >= 20 s into the job
+# (60 - 10 - 30 s: the checks come every 30 s). Submitted 28 s before a check, the job is warned there
+# even if it starts up to 8 s late; requeued, it starts again about 11 s after that check (the cluster's
+# cred_expire=10), so the next check is only 19 s into it, and its warning comes 30 s later.
+WARNING_S = 10
+FIRST_CHECK_S = 28
 
 
 def test_time_limit_warning_saves_requeues_and_resumes_bitwise(cluster, data_dir, tmp_path):
