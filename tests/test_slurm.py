@@ -219,3 +219,24 @@ def test_sweep_as_job_array_resubmits_a_cancelled_trial_and_reports_as_locally(
     assert [a['status'] for a in attempts] == ['finished']
     assert attempts[0]['slurm_job'] == f'{second_array if trial.index == 3 else array}_{trial.index}'
   assert (workdir / 'slurm' / f'{second_array}_3.out').read_text().count('trial finished at step 8') == 1
+
+
+def test_mistakes_are_one_line_errors(tmp_path, data_dir, monkeypatch, run_command):
+  """Bad stop signals and SLURM options fail before anything runs (no cluster needed)."""
+  monkeypatch.chdir(REPO)
+  for value, message in (('TERM,FOO', "'FOO' is not a signal"), ('KILL', 'SIGKILL and SIGSTOP cannot be')):
+    result = run_command('train', '--config', 'configs/base.py', '--workdir', str(tmp_path / 'run'),
+                         f'--stop_signals={value}')
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count('\n') == 1 and not (tmp_path / 'run').exists()
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(SWEEP.format(data_dir=data_dir))
+  for flags, message in ((['--detach'], '--detach is an option of --executor slurm'),
+                         (['--executor', 'slurm', '--nodes', '0'], '--nodes 0: a trial runs on 1 or more nodes'),
+                         (['--executor', 'slurm', '--sbatch', 'qos=high'], "--sbatch 'qos=high': give an sbatch")):
+    result = run_command('sweep', str(sweep_file), '--workdir', str(tmp_path / 'sweep'), *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / 'sweep').exists()
+  monkeypatch.setenv('PATH', str(tmp_path))  # No squeue, no sbatch.
+  result = run_command('sweep', str(sweep_file), '--workdir', str(tmp_path / 'sweep'), '--executor', 'slurm')
+  assert result.returncode == 2 and 'squeue is not on PATH' in result.stderr, result.stderr
