@@ -194,7 +194,8 @@ def test_sweep_as_job_array_resubmits_a_cancelled_trial_and_reports_as_locally(
 
     again = run_command(*command)  # Progress, and only the cancelled trial goes back to the queue.
     assert again.returncode == 0, again.stderr
-    assert 'vanished' in again.stdout.split('\n')[0] and 'new' not in again.stdout.split('\n')[0]
+    counts = again.stdout.split('\n')[0].split(': ')[-1]  # E.g. `2 running, 1 pending, 1 vanished.`
+    assert counts.endswith('1 vanished.') and 'new' not in counts and 'finished' not in counts
     plan = sweep_lib.load_sweep(str(sweep_file))
     assert f'resubmitting trial 3 {plan.trials[3].name} (vanished)' in again.stdout
     second_array = again.stdout.split('Submitted job array ')[1].split(':')[0]

@@ -165,7 +165,7 @@ def run_sweep(sweep: sweep_lib.Sweep, workdir: str, options: Options, only: Opti
   """Reports progress, submits the trials that need a job and, unless `detach`, waits for them all.
 
   Returns the outcomes ({'trial', 'status'}, as the local runner's) once no job is under way, or None
-  when jobs are still queued or running (after --detach).
+  when jobs are still queued or running (after --detach, or Ctrl-C while waiting).
   """
   check_options(options)
   chosen = [sweep.trials[i] for i in only] if only else sweep.trials
@@ -188,10 +188,15 @@ def run_sweep(sweep: sweep_lib.Sweep, workdir: str, options: Options, only: Opti
     print(f'{len(under_way(states))} job(s) under way; run the same command again for their progress and, '
           'once they have all ended, the report.', flush=True)
     return None
-  while under_way(states):
-    time.sleep(POLL_S)
-    previous, states = states, trial_states(sweep, workdir, chosen, jobs, queue())
-    for t in chosen:
-      if states[t.index] != previous[t.index] and states[t.index] not in ('running', 'completing'):
-        print(f'[{t.index + 1}/{len(sweep.trials)}] {t.name}: {states[t.index]} (job {jobs[t.index]})', flush=True)
+  try:
+    while under_way(states):
+      time.sleep(POLL_S)
+      previous, states = states, trial_states(sweep, workdir, chosen, jobs, queue())
+      for t in chosen:
+        if states[t.index] != previous[t.index] and states[t.index] not in ('running', 'completing'):
+          print(f'[{t.index + 1}/{len(sweep.trials)}] {t.name}: {states[t.index]} (job {jobs[t.index]})',
+                flush=True)
+  except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs.
+    print('Stopped waiting; the jobs go on: run the same command again for their progress.', flush=True)
+    return None
   return [{'trial': t, 'status': states[t.index]} for t in chosen]
