@@ -241,3 +241,13 @@ def test_mistakes_are_one_line_errors(tmp_path, data_dir, monkeypatch, run_comma
   monkeypatch.setenv('PATH', str(tmp_path))  # No squeue, no sbatch.
   result = run_command('sweep', str(sweep_file), '--workdir', str(tmp_path / 'sweep'), '--executor', 'slurm')
   assert result.returncode == 2 and 'squeue is not on PATH' in result.stderr, result.stderr
+
+
+def test_docs_show_the_script_the_tests_submit():
+  """docs/scaling.md's sbatch script is slurm/train.sbatch without its comment lines."""
+  with open(TRAIN_SCRIPT) as f:
+    script = [line for line in f.read().splitlines() if not line.startswith('# ') and line != '#']
+  with open(os.path.join(REPO, 'docs', 'scaling.md')) as f:
+    docs = f.read()
+  shown = docs.split('```bash\n#!/bin/bash\n', 1)[1].split('```', 1)[0].splitlines()
+  assert ['#!/bin/bash'] + shown == script
