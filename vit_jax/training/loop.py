@@ -62,8 +62,12 @@ def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
   return 'Use ' + ', or '.join(options) + '.'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_signals=preemption.DEFAULT_SIGNALS) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics.
+
+  Any of `stop_signals` makes it save a checkpoint and return (vit_jax/training/preemption.py).
+  """
   mesh = sharding.make_mesh(config)
   run = setup(config, mesh)
   warning = optim.warmup_warning(config)
@@ -148,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final: dict[str, float] = {}
   batch = first_batch
   try:
-    with preemption.StopRequest() as stop:
+    with preemption.StopRequest(stop_signals) as stop:
       for step in range(start_step + 1, config.total_steps + 1):
         if batch is None:
           batch = sharding.global_batch(next(train_iter), run.batch_sharding)
