@@ -1,6 +1,6 @@
 """Runs and sweeps on a real one-node SLURM cluster (tests/slurm_cluster.py), not a mock.
 
-The job script is the repository's `slurm/train.sbatch` as docs/scaling.md
+The job script is the repository's `experiments/slurm/train.sbatch` as docs/scaling.md
 shows it, submitted without its GPUs: two tasks of one run equal one process;
 a run warned before its time limit saves, requeues itself and ends with the
 parameters of an uninterrupted run; a sweep runs as a job array, resubmits
@@ -32,7 +32,7 @@ from vit_jax.config import defaults
 from vit_jax.sweeps import slurm, sweep as sweep_lib
 from vit_jax.training import loop, sharding
 
-TRAIN_SCRIPT = os.path.join(REPO, 'slurm', 'train.sbatch')
+TRAIN_SCRIPT = os.path.join(REPO, 'experiments', 'slurm', 'train.sbatch')
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +74,7 @@ def restore(workdir, config):
 
 
 def test_two_tasks_equal_one_process(cluster, config, one_device_run, tmp_path):
-  """`srun -n2 vit-jax train --multihost` through slurm/train.sbatch: the one-process losses and parameters."""
+  """`srun -n2 vit-jax train --multihost` through experiments/slurm/train.sbatch: the one-process losses and parameters."""
   workdir, output = tmp_path / 'run', tmp_path / 'job.out'
   job = sbatch(cluster, '--nodes=1', '--ntasks-per-node=2', '--gpus-per-node=0', f'--output={output}',
                TRAIN_SCRIPT, 'configs/base.py', str(workdir), f'--config.dataset.data_dir={config.dataset.data_dir}',
@@ -244,7 +244,7 @@ def test_mistakes_are_one_line_errors(tmp_path, data_dir, monkeypatch, run_comma
 
 
 def test_docs_show_the_script_the_tests_submit():
-  """docs/scaling.md's sbatch script is slurm/train.sbatch without its comment lines."""
+  """docs/scaling.md's sbatch script is experiments/slurm/train.sbatch without its comment lines."""
   with open(TRAIN_SCRIPT) as f:
     script = [line for line in f.read().splitlines() if not line.startswith('# ') and line != '#']
   with open(os.path.join(REPO, 'docs', 'scaling.md')) as f:
