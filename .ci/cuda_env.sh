@@ -10,4 +10,4 @@ if [ ! -x .venv-cuda/bin/python ]; then
   .venv-cuda/bin/pip install --quiet --upgrade pip
 fi
 .venv-cuda/bin/pip install --quiet -r requirements.txt "jax[cuda12]==0.10.2"
-.venv-cuda/bin/python -m pytest -q -n 0 tests/cuda
+JAX_PLATFORMS=cpu .venv-cuda/bin/python -m pytest -q -n 0 tests/cuda  # No GPU here: JAX on CPU, lowering for cuda.

@@ -10,6 +10,7 @@ and gradients.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,8 @@ def model_loss(variant, dtype, options):
   params['head']['kernel'] = normal(3, params['head']['kernel'].shape)
   labels = jnp.array([1, 3])
   leaves, tree = jax.tree.flatten(params)
-  tangent = jax.tree.unflatten(tree, [normal(i, x.shape) for i, x in enumerate(leaves)])
+  scale = 1 / np.sqrt(sum(x.size for x in leaves))  # A unit-norm direction.
+  tangent = jax.tree.unflatten(tree, [normal(i, x.shape) * scale for i, x in enumerate(leaves)])
 
   def loss(p):
     logits = model.apply({'params': p}, images)[0]
@@ -65,7 +67,7 @@ def relative(a, b) -> float:
 
 def derivatives(loss, eps=None):
   """A jitted `(params, t) ->` J t by jax.linearize, (gradient, H t) by jax.jvp of jax.grad
-  (forward-over-reverse), and with `eps` central differences of the loss and of the gradient along t."""
+  (forward-over-reverse), and with `eps` central differences along t of the loss and of J t."""
   @jax.jit
   def compute(p, t):
     _, linear = jax.linearize(loss, p)
@@ -74,34 +76,38 @@ def derivatives(loss, eps=None):
     if eps:
       shift = lambda s: jax.tree.map(lambda a, b: a + s * eps * b, p, t)  # noqa: E731
       out['finite_jt'] = (loss(shift(1)) - loss(shift(-1))) / (2 * eps)
-      out['finite_hvp'] = jax.tree.map(lambda a, b: (a - b) / (2 * eps), jax.grad(loss)(shift(1)),
-                                       jax.grad(loss)(shift(-1)))
+      jvp_at = lambda s: jax.jvp(loss, (shift(s),), (t,))[1]  # noqa: E731
+      out['finite_tht'] = (jvp_at(1) - jvp_at(-1)) / (2 * eps)
     return out
   return compute
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_forward_mode_linearize_and_hvp_agree_with_reverse_mode_and_finite_differences(family):
-  """float32: J t (linearize) equals the reverse-mode gradient . t and central differences; H t
-  (jvp of grad) equals central differences of the gradient. bfloat16 compute (float32 params):
-  the same checks against its own reverse mode and float32's H t, at bfloat16's precision."""
+  """float32, along a random unit direction t: J t (linearize) equals the reverse-mode gradient . t
+  and central differences of the loss; t . H t (H t by jvp of grad) equals central differences of
+  J t. bfloat16 compute (float32 params), along float32's gradient: J t against its own reverse
+  mode, gradient and H t against float32's, at bfloat16's precision."""
   variant, options = FAMILIES[family]
   loss, params, tangent = model_loss(variant, jnp.float32, options)
-  compute = derivatives(loss, eps=1e-4)
+  compute = derivatives(loss, eps=1e-3)
   f32 = compute(params, tangent)
   reverse = float(dot(f32['grads'], tangent))
-  assert abs(reverse) > 1e-2  # Not a degenerate direction.
+  assert abs(reverse) > 1e-3  # Not a degenerate direction.
   np.testing.assert_allclose(f32['jt'], reverse, rtol=1e-4)
   np.testing.assert_allclose(f32['finite_jt'], reverse, rtol=1e-2)
-  assert relative(f32['hvp'], f32['finite_hvp']) < 2e-2
+  np.testing.assert_allclose(float(dot(f32['hvp'], tangent)), f32['finite_tht'], rtol=2e-2)
 
   # bfloat16 along float32's gradient: J t is then |g|^2-like, free of the cancellation that a random
   # direction's sum over all parameters would turn bfloat16 rounding into.
   loss, params, _ = model_loss(variant, jnp.bfloat16, options)
   bf16 = derivatives(loss)(params, f32['grads'])
   np.testing.assert_allclose(bf16['jt'], float(dot(bf16['grads'], f32['grads'])), rtol=5e-2)
-  assert relative(bf16['grads'], f32['grads']) < 5e-2
-  assert relative(bf16['hvp'], compute(params, f32['grads'])['hvp']) < 1e-1
+  # bfloat16's rounding through the layers (the hybrid's ResNet most): gradients within 15% of
+  # float32's, H t within 30%; a missing or wrong term would be far off.
+  assert relative(bf16['grads'], f32['grads']) < 0.15
+  hvp_error = relative(bf16['hvp'], compute(params, f32['grads'])['hvp'])
+  assert hvp_error < 0.3, hvp_error
 
 
 def test_cpu_train_steps_model_is_reverse_mode_only():
@@ -174,7 +180,7 @@ def test_cpu_train_steps_model_trains_the_plain_model():
   loss, params, _ = model_loss('tiny/4', jnp.float32, dict(pool='map', num_registers=1))
   cpu, line = platform.platform_model(create_model('tiny/4', 5, pool='map', num_registers=1), config, 'cpu')
   assert (cpu.attention_fn is kernels.attention) == ('attention_backward' in platform.CPU_RULES), line
-  assert (cpu.dot_general is not None) == bool({'dense_backward', 'bfloat16_dot'} & set(platform.CPU_RULES))
+  assert (cpu.dot_general is not None) == ('dense_backward' in platform.CPU_RULES)  # float32: no bfloat16 rule.
   images, labels = normal(1, (2, 16, 16, 3)), jnp.array([1, 3])
 
   def cpu_loss(p):
@@ -185,3 +191,49 @@ def test_cpu_train_steps_model_trains_the_plain_model():
   np.testing.assert_allclose(a, b, rtol=1e-6)
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_a))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * scale), grads_a, grads_b)
+
+
+def cpu_dot_operand_types(hlo: str) -> list[str]:
+  """'lhs x rhs -> out' element types of every dot in a compiled XLA:CPU program's text."""
+  types = []
+  for computation in re.split(r'\n(?=\S)', hlo):
+    for dot in re.finditer(r'= (\w+)\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)', computation):
+      operands = [re.search(r'%' + re.escape(name) + r' = (\w+)\[', computation).group(1)
+                  for name in dot.group(2, 3)]
+      types.append(f'{operands[0]} x {operands[1]} -> {dot.group(1)}')
+  return types
+
+
+def test_bfloat16_dot_rule_multiplies_in_bfloat16_and_is_used_only_where_the_cpu_can(monkeypatch, tmp_path):
+  """XLA:CPU converts a bfloat16 product that returns bfloat16 to float32; asked for float32 it keeps
+  the operands in bfloat16 (YNNPACK's kernel, fast with AVX512_BF16 or AMX, slower without:
+  docs/performance.md). The rule asks that way and rounds as before; the CPU step uses it for a
+  bfloat16 model only on such CPUs."""
+  x, w = normal(0, (64, 48), jnp.bfloat16), normal(1, (48, 96), jnp.bfloat16)
+  numbers = (((1,), (0,)), ((), ()))
+  rule = kernels.projection_dot_general(False, True)
+  compiled = jax.jit(lambda x, w: rule(x, w, numbers)).lower(x, w).compile()
+  assert cpu_dot_operand_types(compiled.as_text()) == ['bf16 x bf16 -> f32']
+  plain = jax.jit(lambda x, w: jax.lax.dot_general(x, w, numbers)).lower(x, w).compile()
+  assert cpu_dot_operand_types(plain.as_text()) == ['f32 x f32 -> f32']
+  rounded = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), numbers).astype(jnp.bfloat16)
+  product = compiled(x, w)
+  assert product.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(product, np.float32), np.asarray(rounded, np.float32), rtol=1e-2)
+
+  for flags, expected in (('fpu avx2 avx512f avx512_bf16', True), ('fpu avx2 amx_bf16', True), ('fpu avx2', False)):
+    (tmp_path / 'cpuinfo').write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
+    assert kernels.bfloat16_matmul_unit.__wrapped__(str(tmp_path / 'cpuinfo')) is expected
+  from vit_jax.config import defaults
+  from vit_jax.training import platform
+  config = defaults.get_config()
+  config.model.variant, config.input.image_size, config.model.dtype = 'tiny/4', 16, 'bfloat16'
+  model = create_model('tiny/4', 5, dtype=jnp.bfloat16)
+  backward = 'dense_backward' in platform.CPU_RULES
+  for unit in (False, True):
+    monkeypatch.setattr(kernels, 'bfloat16_matmul_unit', lambda unit=unit: unit)
+    chosen, _ = platform.platform_model(model, config, 'cpu')
+    bfloat16 = unit and 'bfloat16_dot' in platform.CPU_RULES
+    expected = kernels.projection_dot_general(backward, bfloat16) if backward or bfloat16 else None
+    assert chosen.dot_general is expected
+    assert platform.platform_model(model, config, 'tpu')[0].dot_general is None

@@ -102,6 +102,18 @@ def _contract(num_contract: int, lhs_ndim: int):
 
 
 @functools.lru_cache(maxsize=None)
+def bfloat16_matmul_unit(cpuinfo: str = '/proc/cpuinfo') -> bool:
+  """Whether this host's CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), which YNNPACK's
+  bfloat16 kernel, and so `bfloat16_dot_general`, needs to pay off."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+  except OSError:
+    return False
+  return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+@functools.lru_cache(maxsize=None)
 def projection_dot_general(backward: bool, bfloat16: bool) -> Callable:
   """A `lax.dot_general` for the model's projections with the chosen CPU rules: `dense_backward`
   as its backward (`backward`), `bfloat16_dot_general` for bfloat16 operands (`bfloat16`).

@@ -18,6 +18,7 @@ import functools
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
@@ -28,9 +29,10 @@ from vit_jax.models.vit import VisionTransformer
 
 # The CPU train step's rules (vit_jax/cpu/kernels.py): 'dense_backward' (the
 # projections' weight gradients), 'attention_backward', 'bfloat16_dot' (bfloat16
-# projections multiplied in bfloat16). docs/performance.md has the measurements
+# projections multiplied in bfloat16; used only on CPUs with AVX512_BF16 or AMX,
+# where it pays: elsewhere it is slower). docs/performance.md has the measurements
 # that keep each one.
-CPU_RULES = ('dense_backward', 'attention_backward')
+CPU_RULES = ('dense_backward', 'attention_backward', 'bfloat16_dot')
 
 EXPLICIT = 'XLA: explicit softmax attention on head-major operands'
 
@@ -91,8 +93,11 @@ def platform_model(model: VisionTransformer, config: ml_collections.ConfigDict, 
   cpu_rules = CPU_RULES if cpu_rules is None else cpu_rules
   attention_fn, line = attention_choice(model, config, platform, cpu_rules)
   dot_general = None
-  if platform == 'cpu' and ({'dense_backward', 'bfloat16_dot'} & set(cpu_rules)):
-    dot_general = kernels.projection_dot_general('dense_backward' in cpu_rules, 'bfloat16_dot' in cpu_rules)
+  backward = 'dense_backward' in cpu_rules
+  bfloat16 = ('bfloat16_dot' in cpu_rules and jnp.dtype(model.dtype) == jnp.bfloat16
+              and kernels.bfloat16_matmul_unit())
+  if platform == 'cpu' and (backward or bfloat16):
+    dot_general = kernels.projection_dot_general(backward, bfloat16)
   return model.clone(dot_general=dot_general, attention_fn=attention_fn), line
 
 
