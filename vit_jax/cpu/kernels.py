@@ -39,8 +39,11 @@ def bfloat16_dot_general(lhs: Array, rhs: Array, dimension_numbers) -> Array:
   float32 route rounds it. A product over a transposed operand is still
   converted (YNNPACK takes row-major operands only): the backward's products,
   and attention's, whose head-major operands are transposed views, stay in
-  float32. So it pays off in forward passes: B/16 inference at batch 8 runs
-  1.68x float32's speed, its train step 1.09x (docs/performance.md).
+  float32. So it pays off in forward passes on CPUs with AVX512_BF16: B/16
+  inference at batch 8 runs 1.68x float32's speed, its train step 1.09x; on an
+  AVX2 CPU without it YNNPACK's kernel is slower than the float32 route (B/16
+  bfloat16 inference takes about 1.45x the CPU time), so the CPU step uses it
+  only where `bfloat16_matmul_unit()` (docs/performance.md).
   """
   return jax.lax.dot_general(lhs, rhs, dimension_numbers,
                              preferred_element_type=jnp.float32).astype(lhs.dtype)
