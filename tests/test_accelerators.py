@@ -1,13 +1,14 @@
-"""One program for CPU, GPU and TPU: the train and eval steps export for cuda and tpu on this CPU machine.
+"""One model for CPU, GPU and TPU: the train and eval steps export for cuda and tpu on this CPU machine.
 
 `jax.export` lowers for a platform without its hardware. The B/16 train and
-eval steps of `vit_jax.training.loop.setup` (8-device FSDP mesh, bfloat16 and
-float32) must lower for cuda and tpu, hold none of vit_jax/cpu/kernels.py's
-ops (chosen per lowering platform with `lax.platform_dependent`), and keep
-the parameter shardings. Without cuDNN installed (this machine) the cuda
-lowering takes XLA's attention, as a GPU host without it would; cuDNN's path
-can only be traced where cuDNN is. Also: host-memory settings stay off
-where JAX will use an accelerator, and `vit-jax devices`.
+eval steps of `vit_jax.training.setup` built for cuda or tpu (8-device FSDP
+mesh, bfloat16 and float32) must lower, be plain programs (none of
+vit_jax/cpu/kernels.py's rules, which only steps built for CPU devices hold:
+vit_jax/training/platform.py), and keep the parameter shardings. Without
+JAX's CUDA plugin (this environment) the cuda step takes XLA's attention, as
+a GPU host without it would; tests/cuda lowers the cuDNN one in an
+environment with the plugin. Also: host-memory settings stay off where JAX
+will use an accelerator, and `vit-jax devices`.
 """
 
 import functools
@@ -19,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from vit_jax.config import defaults
 from vit_jax.cpu import hostmem, kernels
-from vit_jax.models import attention
-from vit_jax.models.variants import attention_implementation
+from vit_jax.training import platform as platform_lib
+from vit_jax.training.platform import attention_implementation
 
 # What only a CPU lowering may hold: the barriers of the XLA:CPU backward rules, and
 # any op under their name scope (in the ops' locations). Remat, which also emits
@@ -38,12 +39,13 @@ def b16_config(dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def b16_steps(dtype: str):
-  """(setup, mesh, abstract train-step args, abstract eval-step args) of B/16 on the 8 CPU devices."""
+def b16_steps(dtype: str, platform: str):
+  """(setup, mesh, abstract train-step args, abstract eval-step args) of B/16 on the 8 CPU devices,
+  the steps built for `platform`."""
   from vit_jax.training import loop, sharding
   config = b16_config(dtype)
   mesh = sharding.make_mesh(config)
-  run = loop.setup(config, mesh)
+  run = loop.setup(config, mesh, platform)
   state = sharding.placed(run.abstract_state, run.state_sharding)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=run.batch_sharding)  # noqa: E731
   batch = {'image': spec((8, 224, 224, 3), jnp.float32), 'label': spec((8,), jnp.int32)}
@@ -62,19 +64,19 @@ def unpadded(spec: P) -> tuple:
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
 def test_train_and_eval_steps_export_for_gpu_and_tpu(dtype):
-  run, mesh, train_args, eval_args = b16_steps(dtype)
-  expected = [unpadded(s.spec) for s in jax.tree.leaves(run.state_sharding)]
-  assert sum('fsdp' in s for s in expected) >= 12 * 6  # Every block's large kernels are split.
-  for name, step, args, num_state in (('train', run.step_fn, train_args, len(expected)),
-                                      ('eval', run.eval_fn, eval_args, len(jax.tree.leaves(eval_args[0])))):
-    for platform in ('cuda', 'tpu'):
+  for platform in ('cuda', 'tpu'):
+    run, mesh, train_args, eval_args = b16_steps(dtype, platform)
+    assert run.model.dot_general is None and run.model.attention_fn is None  # The plain model.
+    expected = [unpadded(s.spec) for s in jax.tree.leaves(run.state_sharding)]
+    assert sum('fsdp' in s for s in expected) >= 12 * 6  # Every block's large kernels are split.
+    for name, step, args, num_state in (('train', run.step_fn, train_args, len(expected)),
+                                        ('eval', run.eval_fn, eval_args, len(jax.tree.leaves(eval_args[0])))):
       exported = jax.export.export(step, platforms=[platform])(*args)
       text = exported.mlir_module()
       assert exported.platforms == (platform,) and exported.nr_devices == 8
       for marker in CPU_MARKERS:
         assert marker not in text, f'{name} step for {platform} holds CPU-only code ({marker})'
-      if not attention.cudnn_installed():
-        assert 'cudnn' not in text  # XLA's attention, the only one traceable here.
+      assert 'cudnn' not in text  # XLA's attention: no CUDA plugin here, and never on TPU.
       shardings = exported.in_shardings_jax(mesh)[:num_state]
       state_specs = expected if name == 'train' else [
           unpadded(s.spec) for s in jax.tree.leaves(run.state_sharding.params)]
@@ -82,11 +84,13 @@ def test_train_and_eval_steps_export_for_gpu_and_tpu(dtype):
 
 
 def test_cpu_lowering_holds_the_cpu_backward_rules():
-  run, _, train_args, eval_args = b16_steps('float32')
+  run, _, train_args, eval_args = b16_steps('float32', 'cpu')
   text = jax.export.export(run.step_fn, platforms=['cpu'])(*train_args).mlir_module()
-  # Per block: the attention backward and the six projections' weight gradients.
-  assert text.count('stablehlo.optimization_barrier') == 12 * 7
-  assert kernels.SCOPE in text
+  # Per block: the attention backward and the six projections' weight gradients, as CPU_RULES keep them.
+  rules = platform_lib.CPU_RULES
+  per_block = 6 * ('dense_backward' in rules) + ('attention_backward' in rules)
+  assert text.count('stablehlo.optimization_barrier') == 12 * per_block
+  assert (kernels.SCOPE in text) == bool(per_block)
   # Inference has no backward: nothing CPU-specific in the eval step.
   eval_text = jax.export.export(run.eval_fn, platforms=['cpu'])(*eval_args).mlir_module()
   assert not any(marker in eval_text for marker in CPU_MARKERS)
@@ -94,21 +98,21 @@ def test_cpu_lowering_holds_the_cpu_backward_rules():
 
 def test_startup_line_names_the_attention_that_runs():
   config = b16_config('bfloat16')
-  assert 'XLA:CPU backward of vit_jax/cpu/kernels.py' in attention_implementation(config, 'cpu')
-  gpu = attention_implementation(config, 'gpu')
-  if attention.cudnn_installed():
-    assert "implementation='cudnn'" in gpu
+  cpu = attention_implementation(config, 'cpu')
+  if 'attention_backward' in platform_lib.CPU_RULES:
+    assert 'XLA:CPU backward of vit_jax/cpu/kernels.py' in cpu
   else:
-    assert 'not cuDNN: cuDNN is not installed (pip install -e .[cuda12])' in gpu
-  config.model.dtype = 'float32'
-  assert 'needs bfloat16 or float16 compute, not float32' in attention_implementation(config, 'gpu')
+    assert cpu.endswith('autodiff backward')
+  # No CUDA plugin here: JAX's cuDNN path refuses to trace, and says why.
+  assert attention_implementation(config, 'gpu') == (
+      'attention on gpu: XLA: explicit softmax attention on head-major operands, autodiff backward '
+      "(not cuDNN: cuDNN is not detected. (JAX's CUDA plugin is not installed: pip install -e .[cuda12]))")
+  config.model.attention = 'xla'
+  assert "(not cuDNN: config.model.attention='xla')" in attention_implementation(config, 'gpu')
   assert attention_implementation(config, 'tpu') == (
-      'attention on tpu: XLA: explicit softmax attention on head-major operands')
-  # Which operands cuDNN's flash attention takes (every ViT size's head_dim: 64, 80, 88, 104).
-  for head_dim in (64, 80, 88, 104):
-    assert attention.cudnn_unsupported(jnp.bfloat16, head_dim, 197, 197) is None
-  assert 'head_dim' in attention.cudnn_unsupported(jnp.float16, 100, 197, 197)
-  assert attention.cudnn_unsupported(jnp.bfloat16, 64, 1, 197) == 'cross-attention stays on XLA'
+      'attention on tpu: XLA: explicit softmax attention on head-major operands, autodiff backward')
+  config.model.attention = 'reference'
+  assert 'attention=reference' in attention_implementation(config, 'cpu')
 
 
 @pytest.mark.parametrize('environ,expected', [

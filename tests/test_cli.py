@@ -337,3 +337,13 @@ def test_a_config_imports_its_siblings_from_anywhere(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, 'path', [p for p in sys.path if p not in ('', os.getcwd(), str(tmp_path))])
   monkeypatch.chdir('/')
   assert files.load_config(str(package / 'longer.py')).total_steps == 14
+
+
+def test_float16_training_is_one_line_naming_bfloat16(tmp_path, capsys):
+  """float16 without loss scaling underflows its gradients: train and memory refuse it before any work."""
+  workdir = tmp_path / 'w'
+  for command, where in (('train', ('--workdir', workdir)), ('memory', ())):
+    code, _, err = run_cli(capsys, command, '--config', 'configs/quickstart.py', *where,
+                           '--config.model.dtype=float16')
+    one_error_line(code, err, "config.model.dtype='float16'", "use 'bfloat16'")
+  assert not workdir.exists()

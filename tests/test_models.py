@@ -1,8 +1,7 @@
-"""The ViT: published parameter counts, shapes, options, and the two attention paths."""
+"""The ViT: published parameter counts, shapes, options, and attention functions."""
 
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -80,79 +79,25 @@ def test_forward_shapes_and_intermediates(pool, posemb):
   assert ('posembed_input' in variables['params']['Transformer']) == (posemb == 'learn')
 
 
-def test_fused_and_reference_attention_agree():
+def test_attention_functions_agree():
+  """The model's default (explicit softmax) and another attention function of the same signature,
+  XLA's `jax.nn.dot_product_attention` (what cuDNN's path replaces on GPU): same parameters, same
+  function, also with qk-norm."""
   q, k, v = normal(0, (3, 2, 5, 37, 4, 16))
   fused = jax.nn.dot_product_attention(q[0], k[0], v[0])
   ref, _ = reference_attention(q[0], k[0], v[0])
   np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-6)
 
   images = normal(2, (2, 16, 16, 3))
-  fused_model = create_model('tiny/4', 10, attention='fused')
-  variables = jax.jit(fused_model.init)(jax.random.key(0), images)
-  _, a = jax.jit(fused_model.apply)(variables, images)
-  _, b = jax.jit(create_model('tiny/4', 10, attention='reference').apply)(variables, images)
-  np.testing.assert_allclose(a['encoded'], b['encoded'], rtol=1e-5, atol=1e-5)  # (The fresh head is zero.)
-
-
-def test_kernel_path_matches_the_explicit_path(monkeypatch):
-  """Accelerators run 'fused' through jax.nn.dot_product_attention, CPU through
-  head_major_attention: same parameters, same function."""
-  from vit_jax.models import attention
-  images = normal(2, (2, 16, 16, 3))
   model = create_model('tiny/4', 10, qk_norm=True)
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   _, explicit = jit_apply(model)(params, images)
-  monkeypatch.setattr(attention, 'use_fused_kernel',
-                      lambda implementation, return_weights, use_dropout: not (return_weights or use_dropout))
-  kernel_params = jax.jit(model.init)(jax.random.key(0), images)['params']
-  jax.tree.map(np.testing.assert_array_equal, kernel_params, params)  # Same names, shapes and values.
-  _, fused = jit_apply(model)(params, images)
+  xla = create_model('tiny/4', 10, qk_norm=True, attention_fn=jax.nn.dot_product_attention)
+  xla_params = jax.jit(xla.init)(jax.random.key(0), images)['params']
+  jax.tree.map(np.testing.assert_array_equal, xla_params, params)  # Same names, shapes and values.
+  _, out = jit_apply(xla)(params, images)
   # The encoded tokens: the logits of a fresh (zero) head would be zero on any path.
-  np.testing.assert_allclose(fused['encoded'], explicit['encoded'], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
-def test_attention_output_backward_matches_autodiff(dtype, tol, queries, keys):
-  """CPU's hand-written attention backward: the gradients of autodiff's, for self- and cross-attention."""
-  from vit_jax.models.attention import attention_output, head_major_attention
-  q = normal(0, (2, 3, queries, 16), dtype)
-  k, v = normal(1, (2, 2, 3, keys, 16), dtype)
-  d_out = normal(2, (2, 3, queries, 16), dtype)
-
-  def grads(attention):
-    out, vjp = jax.vjp(attention, q, k, v)
-    return (out,) + vjp(d_out)
-  expected = jax.jit(grads, static_argnums=0)(lambda q, k, v: head_major_attention(q, k, v)[0])
-  actual = jax.jit(grads, static_argnums=0)(attention_output)
-  for name, a, e in zip(('out', 'd_q', 'd_k', 'd_v'), actual, expected):
-    assert a.dtype == e.dtype == dtype, name
-    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-    assert np.linalg.norm(a - e) / np.linalg.norm(e) < tol, name
-
-
-@pytest.mark.parametrize('x_shape,w_shape,contract', [
-    ((2, 5, 8), (8, 24), 1),      # Dense, wide output: x is the narrower weight-gradient operand.
-    ((2, 5, 24), (24, 8), 1),     # Dense, narrow output: g is.
-    ((2, 5, 3, 4), (3, 4, 8), 2),  # DenseGeneral over the (heads, head_dim) axes, as `out`.
-])
-def test_dense_dot_general_matches_lax(x_shape, w_shape, contract):
-  """The projections' dot_general on CPU: lax.dot_general's values and gradients."""
-  from vit_jax.models.layers import projection_dot_general as dense_dot_general  # CPU: kernels.dense_backward.
-  x = normal(0, x_shape)
-  w = normal(1, w_shape)
-  numbers = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
-  g = normal(2, x_shape[:-contract] + w_shape[contract:])
-
-  def value_and_grads(dot):
-    out, vjp = jax.vjp(lambda x, w: dot(x, w, numbers), x, w)
-    return (out,) + vjp(g)
-  for a, e in zip(value_and_grads(dense_dot_general), value_and_grads(jax.lax.dot_general)):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
-  # Other contractions (here a batched one) pass through to lax.dot_general.
-  a, b = normal(3, (2, 5, 8)), normal(4, (2, 8, 4))
-  batched = (((2,), (1,)), ((0,), (0,)))
-  np.testing.assert_array_equal(dense_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
+  np.testing.assert_allclose(out['encoded'], explicit['encoded'], rtol=1e-5, atol=1e-5)
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,13 +120,6 @@ def tiny_loss_and_grads(**model_options):
     logits = model.apply({'params': p}, images, train=True)[0]
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
   return jax.jit(jax.value_and_grad(loss))(params)
-
-
-def test_model_gradients_equal_on_both_attention_paths():
-  """'fused' on CPU (the hand-written backward) and 'reference' (autodiff) train the same model."""
-  _, fused = tiny_loss_and_grads(attention='fused')
-  _, reference = tiny_loss_and_grads(attention='reference')
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fused, reference)
 
 
 def test_representation_size_adds_pre_logits():
@@ -212,46 +150,6 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   logits, out = jax.jit(model.apply)(variables, images)
   assert out['encoded'].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
-
-
-def _cpu_dot_operand_types(hlo: str) -> list[str]:
-  """'lhs x rhs -> out' element types of every dot in a compiled XLA:CPU program's text."""
-  types = []
-  for computation in re.split(r'\n(?=\S)', hlo):
-    for dot in re.finditer(r'= (\w+)\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)', computation):
-      operands = [re.search(r'%' + re.escape(name) + r' = (\w+)\[', computation).group(1)
-                  for name in dot.group(2, 3)]
-      types.append(f'{operands[0]} x {operands[1]} -> {dot.group(1)}')
-  return types
-
-
-def test_bfloat16_projections_multiply_in_bfloat16_on_cpu_with_the_same_values():
-  """XLA:CPU converts a bfloat16 product that returns bfloat16 to float32; asked for float32 it keeps
-  the operands in bfloat16 (YNNPACK's kernel). The model's projections ask that way on CPU, and
-  round to bfloat16 as before: the products equal float32 products of the same operands, rounded."""
-  from vit_jax.cpu import kernels
-  from vit_jax.models.layers import projection_dot_general
-  x, w = normal(0, (64, 48), jnp.bfloat16), normal(1, (48, 96), jnp.bfloat16)
-  numbers = (((1,), (0,)), ((), ()))
-  compiled = jax.jit(lambda x, w: projection_dot_general(x, w, numbers)).lower(x, w).compile()
-  assert _cpu_dot_operand_types(compiled.as_text()) == ['bf16 x bf16 -> f32']
-  plain = jax.jit(lambda x, w: jax.lax.dot_general(x, w, numbers)).lower(x, w).compile()
-  assert _cpu_dot_operand_types(plain.as_text()) == ['f32 x f32 -> f32']  # What the old route ran.
-  rounded = jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), numbers).astype(jnp.bfloat16)
-  for product in (compiled(x, w), kernels.bfloat16_dot_general(x, w, numbers)):
-    assert product.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(product, np.float32), np.asarray(rounded, np.float32), rtol=1e-2)
-    assert np.mean(np.asarray(product) == np.asarray(rounded)) > 0.95  # Mostly bitwise: only sums' order differs.
-
-  # The whole bfloat16 model: every forward projection multiplies in bfloat16 (2 layers x 6).
-  model = create_model('tiny/4', 10, dtype=jnp.bfloat16)
-  images = normal(2, (2, 16, 16, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)['params']
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x)[0]).lower(params, images).compile()
-  assert _cpu_dot_operand_types(forward.as_text()).count('bf16 x bf16 -> f32') == 12
-  logits = forward(params, images)
-  reference = create_model('tiny/4', 10, dtype=jnp.float32).apply({'params': params}, images)[0]
-  np.testing.assert_allclose(logits, reference, atol=0.05)  # bfloat16 rounding of a float32 model.
 
 
 def test_bad_variant_and_patch_size_errors():
@@ -343,12 +241,8 @@ def test_qk_norm_and_layerscale_parameters():
   # LayerScale 0 makes every block the identity: tokens leave as they entered.
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.zeros_like(x) if 'layerscale' in jax.tree_util.keystr(path) else x, params)
-  a, out = jit_apply(model)(params, images)
+  _, out = jit_apply(model)(params, images)
   np.testing.assert_allclose(out['blocks'][0], out['blocks'][1], rtol=1e-6)
-  # QK-norm path agrees between fused and reference attention.
-  b, _ = jit_apply(create_model('tiny/4', 5, qk_norm=True, layerscale=1e-4, attention='reference'))(
-      params, images)
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_and_reference_agree_on_cross_attention_with_relative_error():
@@ -476,17 +370,3 @@ def test_unknown_gelu_is_a_clear_error():
   config.model.gelu = 'approximate'
   with pytest.raises(UsageError, match="config.model.gelu='approximate'; use one of tanh, exact"):
     model_from_config(config)
-
-
-@pytest.mark.parametrize('queries,keys', [(37, 37), (1, 50)])
-def test_accelerator_attention_backward_matches_autodiff(queries, keys):
-  """The backward that GPU/TPU lowerings of `attention_output` take (no CPU barriers): autodiff's gradients."""
-  from vit_jax.models.attention import head_major_attention, head_major_attention_backward
-  q = normal(0, (2, 3, queries, 16))
-  k, v = normal(1, (2, 2, 3, keys, 16))
-  d_out = normal(2, (2, 3, queries, 16))
-  out, weights = head_major_attention(q, k, v)
-  actual = head_major_attention_backward((q, k, v, weights, out), d_out)
-  expected = jax.vjp(lambda q, k, v: head_major_attention(q, k, v)[0], q, k, v)[1](d_out)
-  for a, e in zip(actual, expected):
-    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)

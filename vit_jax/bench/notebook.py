@@ -41,7 +41,10 @@ def build(variant: str, batch: dict[str, Any], dtype: str, mode: str,
   In 'train' mode the function is `step(state, batch, rng) -> (state, loss)`;
   in 'inference' mode `forward(params, images) -> logits`.
   """
-  model = vit_jax.create_model(variant, 1000, dtype=jnp.dtype(dtype), **(model_options or {}))
+  # config.model.attention is the launcher's per-platform choice (vit_jax/training/platform.py): a
+  # notebook's `create_model` is the plain model.
+  options = {k: v for k, v in (model_options or {}).items() if k != 'attention'}
+  model = vit_jax.create_model(variant, 1000, dtype=jnp.dtype(dtype), **options)
   images = jnp.asarray(batch['image'])
   params = jax.jit(lambda key: model.init(key, images[:1], train=False)['params'])(jax.random.key(0))
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),

@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights.
   config.model.stochastic_depth = 0.0  # Drop-path rate of the last block (linear from 0 at the first).
   config.model.dtype = 'float32'  # Computation dtype ('float32' or 'bfloat16'); parameters stay float32.
-  config.model.attention = 'fused'  # 'fused' (per platform: CPU's own backward, cuDNN flash attention on GPU for bfloat16/float16, else XLA), 'xla' (the same, never cuDNN) or 'reference' (explicit softmax, autodiff).
+  config.model.attention = 'fused'  # Chosen per platform by vit_jax/training/platform.py: 'fused' (CPU's backward rule on CPU, cuDNN flash attention on GPU where JAX's cuDNN path takes it, else XLA), 'xla' (the same, never cuDNN) or 'reference' (explicit softmax, plain autodiff everywhere).
   config.model.gelu = 'tanh'  # 'tanh' (flax nn.gelu, as the published ViT checkpoints were trained) or 'exact' (erf, as timm/PyTorch).
   config.model.num_registers = 0  # Learned register tokens after the class token (Darcet et al. 2023); 0 for none.
   config.model.qk_norm = False  # LayerNorm on queries and keys per head before the dot product (ViT-22B).

@@ -1,16 +1,24 @@
 """Products and backward passes written out for XLA:CPU: the same values, faster on CPU.
 
-These are speed code for one platform, kept apart from the model's math
-(vit_jax/models/attention.py and layers.py). The model calls them in the CPU
-branch of `lax.platform_dependent`, so only a program lowered for CPU holds
-them (tests/test_accelerators.py checks a GPU/TPU export has none of this
-file's code). Each rule's values equal the plain computation's up to float
-rounding (tests/test_models.py).
+Speed code for one platform, kept apart from the model (vit_jax/models/,
+plain JAX). The CPU train step opts in: vit_jax/training/platform.py gives
+the model `projection_dot_general(...)` as its projections' `dot_general` and
+`attention` as its attention function only when the step is traced for CPU
+devices, so no GPU/TPU program holds them (tests/test_accelerators.py). Each
+rule's values equal the plain computation's up to float rounding
+(tests/test_autodiff.py). `projection_dot_general` with a backward rule and
+`attention` are `jax.custom_vjp` functions: reverse mode only, so `jax.jvp`
+of the CPU train step's model is unsupported (the plain model supports it).
 """
+
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_jax.models.attention import head_major_attention
 
 Array = jax.Array
 
@@ -31,8 +39,11 @@ def bfloat16_dot_general(lhs: Array, rhs: Array, dimension_numbers) -> Array:
   float32 route rounds it. A product over a transposed operand is still
   converted (YNNPACK takes row-major operands only): the backward's products,
   and attention's, whose head-major operands are transposed views, stay in
-  float32. So it pays off in forward passes: B/16 inference at batch 8 runs
-  1.68x float32's speed, its train step 1.09x (docs/performance.md).
+  float32. So it pays off in forward passes on CPUs with AVX512_BF16: B/16
+  inference at batch 8 runs 1.68x float32's speed, its train step 1.09x; on an
+  AVX2 CPU without it YNNPACK's kernel is slower than the float32 route (B/16
+  bfloat16 inference takes about 1.45x the CPU time), so the CPU step uses it
+  only where `bfloat16_matmul_unit()` (docs/performance.md).
   """
   return jax.lax.dot_general(lhs, rhs, dimension_numbers,
                              preferred_element_type=jnp.float32).astype(lhs.dtype)
@@ -86,3 +97,76 @@ def dense_backward(lhs: Array, rhs: Array, g: Array, num_contract: int) -> tuple
   else:
     d_w = jax.lax.optimization_barrier(x.T) @ g2
   return (g2 @ w.T).reshape(lhs.shape), d_w.reshape(rhs.shape)
+
+
+def _contract(num_contract: int, lhs_ndim: int):
+  """dimension_numbers of a flax Dense/DenseGeneral product: trailing axes of lhs with leading of rhs."""
+  return ((tuple(range(lhs_ndim - num_contract, lhs_ndim)), tuple(range(num_contract))), ((), ()))
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat16_matmul_unit(cpuinfo: str = '/proc/cpuinfo') -> bool:
+  """Whether this host's CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), which YNNPACK's
+  bfloat16 kernel, and so `bfloat16_dot_general`, needs to pay off."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+  except OSError:
+    return False
+  return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+@functools.lru_cache(maxsize=None)
+def projection_dot_general(backward: bool, bfloat16: bool) -> Callable:
+  """A `lax.dot_general` for the model's projections with the chosen CPU rules: `dense_backward`
+  as its backward (`backward`), `bfloat16_dot_general` for bfloat16 operands (`bfloat16`).
+
+  Only flax's projection contraction (trailing axes of lhs with leading axes
+  of rhs, no batch axes, default precision) takes the rules; anything else is
+  `lax.dot_general`. Cached, so that equal choices give the same function
+  (a model field: one compilation).
+  """
+
+  def forward(lhs, rhs, num_contract):
+    numbers = _contract(num_contract, lhs.ndim)
+    if bfloat16 and lhs.dtype == rhs.dtype == jnp.bfloat16:
+      return bfloat16_dot_general(lhs, rhs, numbers)
+    return jax.lax.dot_general(lhs, rhs, numbers)
+
+  product = forward
+  if backward:
+    product = jax.custom_vjp(forward, nondiff_argnums=(2,))
+    product.defvjp(lambda lhs, rhs, n: (forward(lhs, rhs, n), (lhs, rhs)),
+                   lambda n, residuals, g: dense_backward(*residuals, g, num_contract=n))
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    n = len(lhs_contract)
+    plain = (tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
+             and tuple(rhs_contract) == tuple(range(n)) and not lhs_batch and not rhs_batch)
+    if not plain or precision is not None or preferred_element_type is not None:
+      return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    return product(lhs, rhs, n)
+
+  return dot_general
+
+
+@jax.custom_vjp
+def _head_major(q: Array, k: Array, v: Array) -> Array:
+  return head_major_attention(q, k, v)[0]
+
+
+def _head_major_fwd(q, k, v):
+  out, weights = head_major_attention(q, k, v)
+  return out, (q, k, v, weights, out)
+
+
+_head_major.defvjp(_head_major_fwd, attention_backward)
+
+
+def attention(q: Array, k: Array, v: Array) -> Array:
+  """`vit_jax.models.attention.explicit_attention` with `attention_backward` as its backward:
+  (batch, tokens, heads, head_dim) operands, the model's `attention_fn` in CPU train steps."""
+  to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
+  return to_heads(_head_major(to_heads(q), to_heads(k), to_heads(v)))

@@ -1,10 +1,13 @@
-"""Attention: the softmax computation, its backward per platform, and which implementation runs where.
+"""Attention functions of the encoder, and what JAX's cuDNN path takes.
 
-`attention_output` is the explicit softmax attention on head-major operands
-whose backward is `vit_jax.cpu.kernels.attention_backward` in CPU lowerings
-and autodiff's elsewhere; `platform_attention` picks cuDNN's flash kernel in
-CUDA lowerings where it takes the operands, else XLA. The Flax module that
-uses them is `vit_jax.models.layers.MultiHeadDotProductAttention`.
+The model computes self-attention with `explicit_attention` (plain XLA ops,
+differentiable in both modes) unless it is given another function of the
+same signature: `cudnn_attention` (cuDNN's flash attention through
+`jax.nn.dot_product_attention`, the sequence padded to a length cuDNN takes)
+or the CPU train step's rule in vit_jax/cpu/kernels.py. Which one runs is
+decided by the training side (vit_jax/training/platform.py) before the model
+is applied; `cudnn_length` asks JAX itself whether cuDNN takes the operands.
+The Flax module that uses them is `vit_jax.models.layers.MultiHeadDotProductAttention`.
 """
 
 import functools
@@ -14,10 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.cpu import kernels
-
 Array = jax.Array
 DType = Any
+
+# Names of `config.model.attention`: 'fused' is cuDNN's flash attention where
+# JAX's cuDNN path takes the operands (CUDA), XLA elsewhere; 'xla' never cuDNN;
+# 'reference' the explicit softmax with plain autodiff on every platform (no
+# CPU rule either).
+ATTENTION_IMPLEMENTATIONS = ('fused', 'xla', 'reference')
 
 
 def reference_attention(q: Array, k: Array, v: Array):
@@ -38,8 +45,7 @@ def head_major_attention(q: Array, k: Array, v: Array):
   With heads next to batch, both products are batched matmuls over
   contiguous (tokens, head_dim) slices, and the softmax reduces the last,
   contiguous axis; XLA:CPU runs this 1.3-1.6x faster than the
-  (batch, tokens, heads, head_dim) form (forward and backward; see the
-  docs/performance.md).
+  (batch, tokens, heads, head_dim) form, forward and backward.
   """
   scale = 1.0 / np.sqrt(q.shape[-1])
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * scale
@@ -48,154 +54,69 @@ def head_major_attention(q: Array, k: Array, v: Array):
   return out, weights
 
 
-def head_major_attention_backward(residuals, d_out):
-  """Gradients (d_q, d_k, d_v) of `head_major_attention`'s output from (q, k, v, weights, out).
+def explicit_attention(q: Array, k: Array, v: Array) -> Array:
+  """Attention output for (batch, tokens, heads, head_dim) operands: the explicit softmax on
+  head-major operands, plain XLA ops (what runs unless the model is given another function)."""
+  to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
+  return to_heads(head_major_attention(to_heads(q), to_heads(k), to_heads(v))[0])
 
-  Autodiff's formula, with the softmax's row sums taken as dO . O (head_dim
-  wide) rather than dP . P (tokens wide), as flash attention does.
-  `kernels.attention_backward` is the same computation arranged for XLA:CPU.
+
+def cudnn_attention(q: Array, k: Array, v: Array, *, length: Optional[int] = None) -> Array:
+  """cuDNN flash attention for (batch, tokens, heads, head_dim) self-attention operands.
+
+  With `length` above the token count, the sequence is zero-padded to it and
+  the padding masked (`query_seq_lengths` / `key_value_seq_lengths`): JAX's
+  cuDNN path refuses some lengths in training (odd ones: the 197 tokens of a
+  ViT with a class token), and masked padding computes the same function.
+  Only traceable where JAX's CUDA plugin is installed.
   """
-  q, k, v, weights, out = residuals
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  d_weights = jnp.einsum('bhqd,bhkd->bhqk', d_out, v).astype(jnp.float32)
-  row_sums = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-  d_logits = (weights * (d_weights - row_sums) * scale).astype(q.dtype)
-  d_q = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
-  d_k = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
-  d_v = jnp.einsum('bhqk,bhqd->bhkd', weights.astype(v.dtype), d_out)
-  return d_q, d_k, d_v
+  tokens = q.shape[1]
+  if length is None or length == tokens:
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, length - tokens), (0, 0), (0, 0)))  # noqa: E731
+  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation='cudnn')
+  return out[:, :tokens]
 
 
-@jax.custom_vjp
-def attention_output(q: Array, k: Array, v: Array) -> Array:
-  """`head_major_attention`'s output, with its backward chosen per lowering platform.
-
-  Forward: the same on every platform. Backward: `kernels.attention_backward`
-  lowered for CPU, `head_major_attention_backward` elsewhere. Both branches
-  take the same residuals, so the choice costs nothing (a VJP whose branches
-  saved different residuals would carry all of them, zero-filled, through
-  `nn.scan`).
-  """
-  return head_major_attention(q, k, v)[0]
-
-
-def _attention_output_fwd(q, k, v):
-  out, weights = head_major_attention(q, k, v)
-  return out, (q, k, v, weights, out)
-
-
-def _attention_output_bwd(residuals, d_out):
-  return jax.lax.platform_dependent(residuals, d_out, cpu=kernels.attention_backward,
-                                    default=head_major_attention_backward)
-
-
-attention_output.defvjp(_attention_output_fwd, _attention_output_bwd)
-
-
-# Names of `config.model.attention`.
-ATTENTION_IMPLEMENTATIONS = ('fused', 'xla', 'reference')
-
-
-def cudnn_unsupported(dtype: DType, head_dim: int, queries: int, keys: int) -> Optional[str]:
-  """Why cuDNN flash attention cannot take these operands, or None if it can.
-
-  cuDNN's flash attention takes bfloat16 and float16 with head_dim a multiple
-  of 8 up to 128 (256 on Hopper; 128 covers every ViT size). Cross-attention
-  (the MAP head's single probe query) stays on XLA: negligible work, and a
-  shape cuDNN is not tuned for.
-  """
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f'cuDNN flash attention needs bfloat16 or float16 compute, not {jnp.dtype(dtype).name}'
-  if head_dim % 8 or head_dim > 128:
-    return f'cuDNN flash attention needs head_dim a multiple of 8 up to 128, not {head_dim}'
-  if queries != keys:
-    return 'cross-attention stays on XLA'
-  return None
+def cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: DType, length: int) -> Optional[str]:
+  """Why JAX refuses to lower `cudnn_attention`'s training (forward and backward) for cuda at
+  these shapes padded to `length`, or None if it lowers. JAX's own checks (cuDNN installed, dtype,
+  head size, sequence lengths), asked by a trial lowering; cached."""
+  return _cudnn_refusal(tokens, heads, head_dim, jnp.dtype(dtype).name, length)
 
 
 @functools.lru_cache(maxsize=None)
-def cudnn_installed() -> bool:
-  """Whether this JAX can call cuDNN (the CUDA plugin of `pip install -e .[cuda12]` is installed).
+def _cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: str, length: int) -> Optional[str]:
+  spec = jax.ShapeDtypeStruct((1, tokens, heads, head_dim), jnp.dtype(dtype))
 
-  Tracing `jax.nn.dot_product_attention(implementation='cudnn')` asks cuDNN
-  for its version, so without the plugin (a CPU-only install) the cuDNN path
-  cannot even be traced, for any platform.
-  """
+  def loss(q, k, v):
+    return cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()
   try:
-    from jax._src.lib import cuda_versions  # The plugin's version queries; None without it.
-    return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
-  except Exception:  # An older/newer JAX without this module, or cuDNN missing from the plugin.
-    return False
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(lowering_platforms=('cuda',))
+  except Exception as e:  # noqa: BLE001  JAX raises NotImplementedError, RuntimeError, ValueError...
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if 'cuDNN is not detected' in reason:
+      reason += " (JAX's CUDA plugin is not installed: pip install -e .[cuda12])"
+    return reason
+  return None
 
 
-def gpu_attention_implementation(implementation: str, dtype: DType, head_dim: int, queries: int,
-                                 keys: int) -> tuple[str, str]:
-  """(`jax.nn.dot_product_attention`'s implementation on GPU, why) for one attention layer.
+def cudnn_length(tokens: int, heads: int, head_dim: int, dtype: DType) -> tuple[Optional[int], str]:
+  """(the sequence length at which JAX's cuDNN path trains this self-attention, or None; why).
 
-  'cudnn' where `implementation` is 'fused', cuDNN is installed and supports
-  the operands; else 'xla', with the reason.
+  The token count itself, else the first padded length JAX accepts among the
+  next multiples of 2, 8, 64 and 128; None with JAX's reason for the token
+  count when none is accepted.
   """
-  if implementation != 'fused':
-    return 'xla', f"config.model.attention={implementation!r}"
-  reason = cudnn_unsupported(dtype, head_dim, queries, keys)
-  if reason is None and not cudnn_installed():
-    reason = 'cuDNN is not installed (pip install -e .[cuda12])'
-  return ('xla', reason) if reason else ('cudnn', 'cuDNN flash attention')
-
-
-def describe_attention(platform: str, implementation: str, dtype: DType, head_dim: int) -> str:
-  """One line saying what computes the encoder's self-attention on `platform` ('cpu', 'gpu', 'tpu').
-
-  What `MultiHeadDotProductAttention` lowers to there, for the startup log
-  (`vit_jax.models.attention_implementation(config)` fills in the model).
-  """
-  if implementation == 'reference':
-    return 'explicit softmax(q k^T / sqrt(d)) v, autodiff backward (attention=reference)'
-  explicit = 'XLA: explicit softmax attention on head-major operands'
-  if platform == 'cpu':
-    return f'{explicit}, with the XLA:CPU backward of vit_jax/cpu/kernels.py'
-  if platform in ('gpu', 'cuda'):
-    choice, why = gpu_attention_implementation(implementation, dtype, head_dim, 1, 1)
-    if choice == 'cudnn':
-      return "cuDNN flash attention (jax.nn.dot_product_attention, implementation='cudnn')"
-    return f'{explicit} (not cuDNN: {why})'
-  return explicit
-
-
-def use_fused_kernel(implementation: str, return_weights: bool, use_dropout: bool) -> bool:
-  """Whether the attention goes through the per-platform path (`platform_attention`).
-
-  Only for 'fused' and 'xla', without attention weights or attention dropout;
-  otherwise the explicit `head_major_attention` runs on every platform.
-  """
-  return implementation in ('fused', 'xla') and not (return_weights or use_dropout)
-
-
-def platform_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
-  """Attention output for (batch, tokens, heads, head_dim) operands, chosen per lowering platform.
-
-  Everywhere: the explicit softmax on head-major operands (`attention_output`;
-  XLA's own `dot_product_attention` is slower on CPU and the same einsums
-  elsewhere), whose backward is the XLA:CPU rule of vit_jax/cpu/kernels.py
-  on CPU. On GPU (CUDA), when `gpu_attention_implementation` chooses it
-  (bfloat16 / float16 self-attention, cuDNN installed, 'fused'): cuDNN's
-  flash attention through `jax.nn.dot_product_attention`. Every branch
-  computes the same function. That choice is made while tracing, because
-  the cuDNN path can only be traced where cuDNN is installed; there, the
-  non-CUDA branch's residuals ride along zero-filled through `nn.scan`
-  (unused, but memory) unless the blocks are rematerialised.
-  """
-  _, queries, _, head_dim = q.shape
-  gpu_choice, _ = gpu_attention_implementation(implementation, q.dtype, head_dim, queries, k.shape[1])
-
-  def explicit(q, k, v):
-    to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
-    return to_heads(attention_output(to_heads(q), to_heads(k), to_heads(v)))
-
-  if gpu_choice != 'cudnn':
-    return explicit(q, k, v)
-
-  def cudnn(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
-
-  return jax.lax.platform_dependent(q, k, v, cuda=cudnn, default=explicit)
+  candidates = [tokens] + [-(-tokens // m) * m for m in (2, 8, 64, 128)]
+  first = None
+  for length in dict.fromkeys(candidates):
+    reason = cudnn_refusal(tokens, heads, head_dim, dtype, length)
+    if reason is None:
+      return length, 'cuDNN flash attention'
+    first = first or reason
+    if 'sequence length' not in reason:  # Not about the length: no padding helps.
+      break
+  return None, first

@@ -6,15 +6,13 @@ head is big_vision's `MAPHead` (`probe`, `MultiHeadDotProductAttention_0`,
 `LayerNorm_0`, `MlpBlock_0`), QK-normalisation uses flax's `query_ln`/`key_ln`.
 """
 
-import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.cpu import kernels
 from vit_jax.models import attention as attention_ops
 
 Array = jax.Array
@@ -47,61 +45,6 @@ class AddPositionEmbs(nn.Module):
                                (1,) + x.shape[1:], jnp.float32)
     return x + pos_embedding.astype(x.dtype)
 
-
-
-
-def projection_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                           preferred_element_type=None) -> Array:
-  """The `dot_general` of the encoder's projections (flax Dense/DenseGeneral `dot_general=`).
-
-  `lax.dot_general`'s values on every platform. For the contraction those
-  layers make (trailing axes of the inputs with leading axes of the kernel,
-  no batch axes, default precision) the backward is chosen per lowering
-  platform: `kernels.dense_backward` (a weight gradient written for XLA:CPU)
-  on CPU, autodiff's products elsewhere; so is a bfloat16 forward product
-  (`kernels.bfloat16_dot_general` on CPU, which XLA:CPU then multiplies in
-  bfloat16). Anything else is `lax.dot_general`.
-  """
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  n = len(lhs_contract)
-  plain = (tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
-           and tuple(rhs_contract) == tuple(range(n)) and not lhs_batch and not rhs_batch)
-  if not plain or precision is not None or preferred_element_type is not None:
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  return _projection(lhs, rhs, n)
-
-
-def _contract(num_contract: int, lhs_ndim: int):
-  return ((tuple(range(lhs_ndim - num_contract, lhs_ndim)), tuple(range(num_contract))), ((), ()))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _projection(lhs: Array, rhs: Array, num_contract: int) -> Array:
-  dimension_numbers = _contract(num_contract, lhs.ndim)
-  if lhs.dtype == rhs.dtype == jnp.bfloat16:  # XLA:CPU multiplies in bfloat16 only when asked this way.
-    return jax.lax.platform_dependent(
-        lhs, rhs, cpu=functools.partial(kernels.bfloat16_dot_general, dimension_numbers=dimension_numbers),
-        default=functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers))
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers)
-
-
-def _projection_fwd(lhs, rhs, num_contract):
-  return _projection(lhs, rhs, num_contract), (lhs, rhs)
-
-
-def _projection_bwd(num_contract, residuals, g):
-  lhs, rhs = residuals
-
-  def autodiff(lhs, rhs, g):
-    return jax.vjp(lambda a, b: jax.lax.dot_general(a, b, _contract(num_contract, a.ndim)), lhs, rhs)[1](g)
-
-  return jax.lax.platform_dependent(
-      lhs, rhs, g, cpu=functools.partial(kernels.dense_backward, num_contract=num_contract),
-      default=autodiff)
-
-
-_projection.defvjp(_projection_fwd, _projection_bwd)
 
 
 # GELU's tanh constants: sqrt(2 / pi) and the cubic term's coefficient.
@@ -170,23 +113,23 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the published parameter layout.
 
   `query`/`key`/`value` kernels are (dim, heads, head_dim) and `out` is
-  (heads, head_dim, dim). The implementations compute the same function:
-  `fused` (the default, `platform_attention`) is cuDNN's flash attention on
-  GPU where cuDNN is installed and supports the dtype and shapes (bfloat16 /
-  float16 self-attention; `cudnn_unsupported`), and everywhere else the
-  explicit softmax on head-major operands (`attention_output`), whose
-  backward is written for XLA:CPU when lowered for CPU; `xla` is the same but
-  never cuDNN; `reference` is `head_major_attention` with plain autodiff on
-  every platform, and is what runs whenever the attention weights are asked
-  for or attention dropout is active in training. With `qk_norm`,
-  q and k are layer-normalised per head before the dot product (ViT-22B).
+  (heads, head_dim, dim). The output is `attention_fn(q, k, v)` on
+  (batch, tokens, heads, head_dim) operands: by default
+  `attention.explicit_attention` (plain XLA ops); the training side may give
+  cuDNN's flash attention or the CPU train step's rule
+  (vit_jax/training/platform.py). Whenever the attention weights are asked
+  for, or attention dropout is active in training, the explicit softmax runs
+  whatever `attention_fn` is. `dot_general` computes the four projections
+  (None: `lax.dot_general`). With `qk_norm`, q and k are layer-normalised per
+  head before the dot product (ViT-22B).
   """
 
   num_heads: int
   dropout_rate: float = 0.0
   dtype: DType = jnp.float32
-  implementation: str = 'fused'
   qk_norm: bool = False
+  dot_general: Optional[Callable] = None
+  attention_fn: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x: Array, kv: Optional[Array] = None, *, train: bool,
@@ -199,19 +142,15 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = dim // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, kernel_init=kernel_init,
-        bias_init=nn.initializers.zeros, dot_general=projection_dot_general, name=name)
+        bias_init=nn.initializers.zeros, dot_general=self.dot_general, name=name)
     q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # (batch, tokens, heads, head_dim)
     if self.qk_norm:
       q = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='query_ln')(q)
       k = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='key_ln')(k)
-    if self.implementation not in attention_ops.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"Unknown attention implementation {self.implementation!r}; "
-                       f"use one of {', '.join(attention_ops.ATTENTION_IMPLEMENTATIONS)}.")
-
     use_dropout = train and self.dropout_rate > 0
     weights = None
-    if attention_ops.use_fused_kernel(self.implementation, return_weights, use_dropout):
-      y = attention_ops.platform_attention(q, k, v, self.implementation)
+    if not (return_weights or use_dropout):
+      y = (self.attention_fn or attention_ops.explicit_attention)(q, k, v)
     else:
       to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
       q, k, v = to_heads(q), to_heads(k), to_heads(v)
@@ -222,7 +161,7 @@ class MultiHeadDotProductAttention(nn.Module):
         y = jnp.einsum('bhqk,bhkd->bhqd', dropped, v)
       y = to_heads(y)  # (batch, tokens, heads, head_dim) again, as `out` expects.
     out = nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, kernel_init=kernel_init,
-                          bias_init=nn.initializers.zeros, dot_general=projection_dot_general,
+                          bias_init=nn.initializers.zeros, dot_general=self.dot_general,
                           name='out')(y)
     return out, weights
 
@@ -234,17 +173,18 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: DType = jnp.float32
   gelu: str = 'tanh'
+  dot_general: Optional[Callable] = None  # None: lax.dot_general.
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     activation = gelu_function(self.gelu)
     dim = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init,
-                 dot_general=projection_dot_general)(x)
+                 dot_general=self.dot_general)(x)
     x = activation(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(dim, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init,
-                 dot_general=projection_dot_general)(x)
+                 dot_general=self.dot_general)(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
@@ -281,8 +221,8 @@ class MAPHead(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: DType = jnp.float32
-  attention: str = 'fused'
   gelu: str = 'tanh'
+  dot_general: Optional[Callable] = None  # Of the projections; None: lax.dot_general.
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
@@ -290,9 +230,10 @@ class MAPHead(nn.Module):
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
     probe = jnp.tile(probe.astype(x.dtype), (b, 1, 1))
     x, weights = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention,
+        num_heads=self.num_heads, dtype=self.dtype, dot_general=self.dot_general,
         name='MultiHeadDotProductAttention_0')(
             probe, x, train=train, return_weights=return_weights)  # (batch, 1, dim)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name='MlpBlock_0')(y, train=train)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, dot_general=self.dot_general,
+                     name='MlpBlock_0')(y, train=train)
     return x[:, 0], weights

@@ -10,7 +10,7 @@ them, `R50+B/16`: a ResNet-v2 (`vit_jax.models.resnet`) whose feature map the
 ViT of that size cuts into patches; see `HYBRIDS`.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 from vit_jax.config.sizes import image_hw
 from vit_jax.models.vit import VisionTransformer, remat_policy
@@ -121,27 +121,10 @@ def model_from_config(config) -> VisionTransformer:
       mlp_dim=m.mlp_dim, num_heads=m.num_heads, pool=m.pool, posemb=m.posemb,
       representation_size=m.representation_size, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
-      dtype=jnp.dtype(m.dtype), attention=m.attention, num_registers=m.num_registers,
+      dtype=jnp.dtype(m.dtype), num_registers=m.num_registers,
       qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan, gelu=m.gelu)
   if model.hidden_size % model.num_heads:
     raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
                      f'{model.num_heads}; change config.model.hidden_size or num_heads.')
   return model
 
-
-def attention_implementation(config, platform: Optional[str] = None) -> str:
-  """One line for the startup log: what computes the encoder's attention on `platform`.
-
-  `platform` is 'cpu', 'gpu' or 'tpu' (default: `jax.default_backend()`, where
-  the run executes). Describes what `MultiHeadDotProductAttention` lowers to
-  there for this config's dtype and head size, e.g. cuDNN flash attention for
-  a bfloat16 B/16 on GPU, and why XLA's runs where cuDNN cannot.
-  """
-  import jax  # Local, as above.
-  from vit_jax.models.attention import describe_attention
-
-  model = model_from_config(config)
-  platform = platform or jax.default_backend()
-  head_dim = model.hidden_size // model.num_heads
-  return f'attention on {platform}: ' + describe_attention(platform, config.model.attention,
-                                                           config.model.dtype, head_dim)

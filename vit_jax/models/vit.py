@@ -77,10 +77,11 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   use_drop_path: bool = False  # Static: whether the (possibly traced) drop-path rate applies.
   dtype: DType = jnp.float32
-  attention: str = 'fused'
   qk_norm: bool = False
   layerscale: Optional[float] = None
   gelu: str = 'tanh'  # 'tanh' (the published models) or 'exact' (timm): see layers.GELUS.
+  dot_general: Optional[Callable] = None  # Of the projections; None: lax.dot_general.
+  attention_fn: Optional[Callable] = None  # Self-attention; None: attention.explicit_attention.
 
   @nn.compact
   def __call__(self, x: Array, drop_path_rate=0.0, train: bool = False, return_weights: bool = False):
@@ -94,13 +95,15 @@ class Encoder1DBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        implementation=self.attention, qk_norm=self.qk_norm, name='MultiHeadDotProductAttention_1')(
+        qk_norm=self.qk_norm, dot_general=self.dot_general, attention_fn=self.attention_fn,
+        name='MultiHeadDotProductAttention_1')(
             y, train=train, return_weights=return_weights)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     x = x + residual(y, 'attention')
 
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu, name='MlpBlock_3')(y, train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu, self.dot_general,
+                 name='MlpBlock_3')(y, train=train)
     x = x + residual(y, 'mlp')
     return x, {'block': x, 'attention': weights}
 
@@ -118,12 +121,13 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   dtype: DType = jnp.float32
-  attention: str = 'fused'
   qk_norm: bool = False
   layerscale: Optional[float] = None
   remat: Union[bool, str] = False  # See `remat_policy`.
   scan: bool = False
   gelu: str = 'tanh'
+  dot_general: Optional[Callable] = None
+  attention_fn: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x: Array, registers: Optional[Array] = None, *, train: bool,
@@ -152,8 +156,8 @@ class Encoder(nn.Module):
     options = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                    attention_dropout_rate=self.attention_dropout_rate,
                    use_drop_path=self.stochastic_depth > 0, dtype=self.dtype,
-                   attention=self.attention, qk_norm=self.qk_norm, layerscale=self.layerscale,
-                   gelu=self.gelu)
+                   qk_norm=self.qk_norm, layerscale=self.layerscale, gelu=self.gelu,
+                   dot_general=self.dot_general, attention_fn=self.attention_fn)
     # Stochastic depth grows linearly with depth, from 0 to `stochastic_depth`.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
     if self.scan:
@@ -203,7 +207,6 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   dtype: DType = jnp.float32
-  attention: str = 'fused'
   num_registers: int = 0
   qk_norm: bool = False
   layerscale: Optional[float] = None  # Initial LayerScale value; None: no LayerScale.
@@ -214,6 +217,13 @@ class VisionTransformer(nn.Module):
   # `patch_size` is then in pixels of the ResNet's feature map.
   resnet_stages: Optional[tuple[int, ...]] = None
   resnet_width: int = 64  # Root channels (64 x the release's width factor).
+  # What computes the encoder's and MAP head's projections (a `lax.dot_general`
+  # signature) and the encoder's self-attention (`attention.explicit_attention`'s
+  # signature). None: plain `lax.dot_general` and the explicit softmax, so a
+  # model from `create_model` is plain JAX (jax.grad, jax.jvp). The training side
+  # sets them for the platform a step is traced for (vit_jax/training/platform.py).
+  dot_general: Optional[Callable] = None
+  attention_fn: Optional[Callable] = None
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -268,9 +278,9 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         posemb=self.posemb, grid=(gh, gw), num_prefix_tokens=num_cls,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        stochastic_depth=self.stochastic_depth, dtype=self.dtype, attention=self.attention,
-        qk_norm=self.qk_norm, layerscale=self.layerscale, remat=self.remat, scan=self.scan,
-        gelu=self.gelu, name='Transformer')(x, registers, train=train, return_weights=return_attention)
+        stochastic_depth=self.stochastic_depth, dtype=self.dtype, qk_norm=self.qk_norm,
+        layerscale=self.layerscale, remat=self.remat, scan=self.scan, gelu=self.gelu,
+        dot_general=self.dot_general, attention_fn=self.attention_fn, name='Transformer')(x, registers, train=train, return_weights=return_attention)
     out['encoded'] = x  # (batch, tokens, dim)
 
     if self.pool == 'token':
@@ -279,7 +289,7 @@ class VisionTransformer(nn.Module):
       x = x[:, self.num_prefix_tokens:].mean(axis=1)  # Patches only: registers are not pooled.
     else:
       x, weights = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                           attention=self.attention, gelu=self.gelu, name='MAPHead_0')(
+                           gelu=self.gelu, dot_general=self.dot_general, name='MAPHead_0')(
                                x, train=train, return_weights=return_attention)
       if return_attention:
         out['map_attention'] = weights

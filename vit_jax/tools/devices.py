@@ -19,7 +19,7 @@ def report() -> tuple[str, list[str]]:
 
   from vit_jax.config import defaults
   from vit_jax.cpu import hostmem
-  from vit_jax.models.variants import attention_implementation
+  from vit_jax.training.platform import attention_implementation
 
   backend = jax.default_backend()
   devices = jax.devices()

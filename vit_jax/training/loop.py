@@ -21,7 +21,7 @@ from vit_jax.training import preemption
 from vit_jax.training.steps import DivergenceError, TrainState
 from vit_jax.training import sharding
 from vit_jax.training.setup import seed_rngs, setup
-from vit_jax.models.variants import attention_implementation
+from vit_jax.training.platform import attention_implementation
 
 
 def evaluate(eval_fn, params, config, split, batch_sharding, prefix: str = 'eval') -> dict[str, float]:

@@ -6,7 +6,7 @@ runs on accelerator hosts without it.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from vit_jax.cpu import scheduler
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
-from vit_jax.training import optim, sharding
+from vit_jax.training import optim, platform as platform_lib, sharding
 from vit_jax.training.steps import TrainState, create_train_state, eval_step, train_step
 
 
@@ -41,6 +41,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.ema.decay < 1.0:
     raise UsageError(f'config.ema.decay={config.ema.decay} must be in [0, 1), e.g. 0.9999; 0 disables EMA.')
   scheduler.check_choice(config.cpu_scheduler)
+  if config.model.dtype == 'float16':
+    raise UsageError("config.model.dtype='float16' would train without loss scaling, which vit_jax does not "
+                     "do (gradients underflow); use 'bfloat16' (float32's range, the same memory) or 'float32'.")
   if config.fewshot.every_steps < 0:
     raise UsageError(f'config.fewshot.every_steps={config.fewshot.every_steps} must be >= 0 (0 disables).')
 
@@ -58,14 +61,18 @@ class Setup(NamedTuple):
   eval_fn: Callable  # jitted eval_step(params, batch) -> sums
 
 
-def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+def setup(config: ml_collections.ConfigDict, mesh: Mesh, platform: Optional[str] = None) -> Setup:
   """Model, optimizer, state shapes and shardings, and the jitted steps for `mesh`.
 
   Checks the config against the mesh first, so that bad input fails before
-  anything is compiled or written.
+  anything is compiled or written. The model computes what `platform` runs
+  (`vit_jax.training.platform.platform_model`): by default the platform of
+  the mesh's devices; name another ('cuda', 'tpu') to lower the steps for it
+  from this host.
   """
   _check_config(config)
-  model = model_from_config(config)
+  platform = platform or platform_lib.mesh_platform(mesh)
+  model, _ = platform_lib.platform_model(model_from_config(config), config, platform)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   if config.batch_size % (config.accumulation_steps * mesh.size):
