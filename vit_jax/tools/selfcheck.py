@@ -281,7 +281,7 @@ def selfcheck(args) -> int:
   devices = jax.devices()
   check_args(args, len(devices))
   platform = devices[0].platform
-  from vit_jax.models.variants import attention_implementation
+  from vit_jax.training.platform import attention_implementation
   layouts = list(LAYOUTS) if len(devices) > 1 else ['data-parallel']
   print(f'jax {jax.__version__}, {len(devices)} x {devices[0].device_kind} ({platform}); ViT-{args.variant}, '
         f'{args.dtype}, batch {args.batch_size}, {args.image_size} px, {args.steps} steps per run', flush=True)
