@@ -24,9 +24,10 @@ from typing import Optional
 from vit_jax.errors import UsageError
 
 # Tensorstore's status codes and texts that mean the machine or file system failed, not the files.
-_UNAVAILABLE_TEXT = re.compile(r'PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|'
-                               r'Out of memory|out of memory|bad_alloc|Cannot allocate memory')
-_MEMORY_TEXT = re.compile(r'RESOURCE_EXHAUSTED|[Oo]ut of memory|bad_alloc|Cannot allocate memory')
+_UNAVAILABLE_TEXT = re.compile(r'PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED')
+# A thread that cannot start (its stack cannot be mapped) is the first sign of a full address space.
+_MEMORY_TEXT = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|bad_alloc|Cannot allocate memory|"
+                          r"can't start new thread")
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
@@ -49,7 +50,7 @@ def first_line(error: BaseException) -> str:
     text = str(e)
     if re.match(r'[A-Z_]+: ', text):  # Tensorstore's 'NOT_FOUND: ...', clearer than orbax's wrapper.
       return text.splitlines()[0][:300]
-  text = str(error)
+  text = str(error).split(' See full TensorStore details')[0]  # Orbax's wrapper, then a long spec.
   return text.splitlines()[0][:300] if text else type(error).__name__
 
 
@@ -77,8 +78,9 @@ def unavailable_reason(error: BaseException, step_dir: str) -> Optional[str]:
   """Why reading `step_dir` failed with `error` when it is not damage ('Input/output error on FILE', 'out of
   memory ...'); None when it is damage: every file reads and the error names no OS or memory fault."""
   chain = _chain(error)
-  if any(isinstance(e, MemoryError) for e in chain) or any(_MEMORY_TEXT.search(str(e)) for e in chain):
-    return f'out of memory while restoring ({first_line(error)})'
+  memory = [e for e in chain if isinstance(e, MemoryError) or _MEMORY_TEXT.search(str(e))]
+  if memory:  # The innermost says what could not be had.
+    return f'out of memory while restoring ({type(memory[-1]).__name__}: {first_line(memory[-1])})'
   reason = unreadable(step_dir)
   if reason:
     return reason
@@ -98,7 +100,7 @@ def list_steps(directory: str, reader: bool = False) -> list[int]:
   directories are not all digits. A directory that exists but cannot be
   listed (I/O error, permissions, a dangling link to an unmounted file
   system) is CheckpointUnavailable, never an empty one: that would start the
-  run over.
+  run over. `reader`: the error of a command that only reads (no resume).
   """
   try:
     names = os.listdir(directory)
