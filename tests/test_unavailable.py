@@ -80,23 +80,29 @@ def config_flags(data_dir):
   return ['--config', os.path.join(_CACHE['trained'], 'run', 'config.json'), f'--config.dataset.data_dir={data_dir}']
 
 
-FAULTS = [  # (rule, what the error line names)
-    ({'path': ARRAYS, 'errno': 'EIO', 'ops': ['read']}, 'Input/output error on '),
-    ({'path': ARRAYS, 'errno': 'EACCES', 'ops': ['open']}, 'Permission denied on '),
-    ({'path': 'run/checkpoints/*/_METADATA', 'errno': 'EIO', 'ops': ['read']}, '_METADATA'),
-    ({'path': 'run/checkpoints/*/_METADATA', 'errno': 'EACCES', 'ops': ['open']}, 'Permission denied on '),
-    ({'path': 'run/checkpoints*', 'errno': 'EIO'}, 'Input/output error on '),
-    ({'path': 'run/checkpoints*', 'errno': 'EACCES'}, 'Permission denied on '),
+FAULTS = [  # (rule, the error's reason, a part of the file it names)
+    ({'path': ARRAYS, 'errno': 'EIO', 'ops': ['read']}, 'Input/output error', '/d/'),
+    ({'path': ARRAYS, 'errno': 'EACCES', 'ops': ['open']}, 'Permission denied', '/d/'),
+    ({'path': ARRAYS, 'errno': 'ETIMEDOUT', 'ops': ['read']}, 'Connection timed out', '/d/'),
+    ({'path': 'run/checkpoints/*/_METADATA', 'errno': 'EIO', 'ops': ['read']}, 'Input/output error', '/_METADATA'),
+    ({'path': 'run/checkpoints/*/_METADATA', 'errno': 'EACCES', 'ops': ['open']}, 'Permission denied', '/_METADATA'),
+    ({'path': 'run/checkpoints*', 'errno': 'EIO'}, 'Input/output error', '/run/checkpoints. '),
+    ({'path': 'run/checkpoints*', 'errno': 'EACCES'}, 'Permission denied', '/run/checkpoints. '),
+    # A network file system whose server is gone; a step folder listed but gone when read.
+    ({'path': 'run/checkpoints*', 'errno': 'ENOTCONN'}, 'Transport endpoint is not connected', '/run/checkpoints. '),
+    ({'path': 'run/checkpoints/6*', 'errno': 'ENOENT', 'ops': ['getattr', 'open']}, 'No such file or directory',
+     '/run/checkpoints/6'),
 ]
 
 
 def test_a_checkpoint_that_cannot_be_read_stops_the_run_and_changes_nothing(disk, data_dir, run_command):
   before = snapshot(disk.root / 'run')
-  for rule, named in FAULTS:
+  for rule, reason, file in FAULTS:
     disk.fail(rule)
     rc, _, errors = train(run_command, data_dir, disk.mount / 'run')
     assert rc == 2 and len(errors) == 1, (rule, errors)
-    assert 'Cannot read the checkpoint' in errors[0] and named in errors[0], (rule, errors)
+    assert 'Cannot read the checkpoint' in errors[0] and f'now: {reason} on ' in errors[0], (rule, errors)
+    assert file in errors[0].split(f'{reason} on ')[1], (rule, errors)
     assert 'not damage' in errors[0] and 'nothing in the workdir was moved or written' in errors[0]
     assert snapshot(disk.root / 'run') == before, rule  # No metrics row, config history, TensorBoard file.
   disk.fail()
