@@ -110,38 +110,28 @@ def test_a_checkpoint_that_cannot_be_read_stops_the_run_and_changes_nothing(disk
   assert rc == 0 and not errors and 'its checkpoint is at step 6' in out, (errors, out[-2000:])
 
 
-# `vit-jax train ARGS` whose checkpoint restore runs with 16 MiB of address space left (RLIMIT_AS), as
-# on a machine too small for the run: orbax's threads cannot start, allocations fail.
-_LITTLE_MEMORY = """
-import resource, sys
-import orbax.checkpoint as ocp
-restore = ocp.CheckpointManager.restore
+@pytest.mark.parametrize('kind', ['MemoryError', 'thread'])
+def test_running_out_of_memory_while_restoring_stops_the_run(disk, data_dir, run_command, monkeypatch, kind):
+  """The restore fails for want of memory, as on a machine too small for the run. (Lowering RLIMIT_AS in a
+  launcher process gives the 'thread' form, but whether the tiny run's restore still fits depends on the
+  threads already running: not a test that passes every time, hence the error raised here.)"""
+  import orbax.checkpoint as ocp
 
-def restore_with_little_memory(self, *args, **kwargs):
-  with open('/proc/self/status') as f:
-    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize'))
-  resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20), resource.RLIM_INFINITY))
-  try:
-    return restore(self, *args, **kwargs)
-  finally:
-    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-
-ocp.CheckpointManager.restore = restore_with_little_memory
-from vit_jax import cli
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-def test_running_out_of_memory_while_restoring_stops_the_run(disk, data_dir, run_command):
+  def restore(self, *args, **kwargs):
+    if kind == 'MemoryError':
+      raise MemoryError('Unable to allocate 5.2 GiB for an array with shape (1400000000,) and data type float32')
+    try:  # What orbax raised under RLIMIT_AS with 16 MiB to spare: its wrapper of a thread that could not start.
+      raise RuntimeError("can't start new thread")
+    except RuntimeError as e:
+      raise Exception('Encountered error while reading array index: (slice(0, 32, 1),).') from e
   before = snapshot(disk.root / 'run')
-  result = subprocess.run([sys.executable, '-c', _LITTLE_MEMORY, 'train', *config_flags(data_dir), '--workdir',
-                           str(disk.root / 'run'), '--config.total_steps=6'], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=300)
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
-  assert 'out of memory while restoring' in errors[0] and 'more host (or device) memory' in errors[0], errors
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, 'restore', restore)
+    rc, _, errors = train(run_command, data_dir, disk.mount / 'run')
+  assert rc == 2 and len(errors) == 1 and 'out of memory while restoring' in errors[0], errors
+  assert 'more host (or device) memory' in errors[0]
   assert snapshot(disk.root / 'run') == before
-  rc, out, errors = train(run_command, data_dir, disk.mount / 'run')  # With memory: resumes at step 6.
+  rc, out, errors = train(run_command, data_dir, disk.mount / 'run')
   assert rc == 0 and 'its checkpoint is at step 6' in out, errors
 
 
