@@ -2,7 +2,8 @@
 
 Faults are injected into real orbax and tensorstore reads and writes by a
 FUSE file system (tests/faultfs.py) that mirrors a temporary directory and
-fails chosen operations on chosen paths with EIO or EACCES. One tiny run
+fails chosen operations on chosen paths with an errno (EIO, EACCES, ...);
+running out of memory is an error raised inside the restore. One tiny run
 (checkpoints at steps 3 and 6) is trained once; each test works on a copy
 through the mount, and compares the copy's files before and after.
 """
