@@ -53,8 +53,8 @@ def pytest_xdist_auto_num_workers(config):
 
 
 # The files that take longest, started first so that no worker is left with one at the end.
-SLOW_FILES = ('test_fault_tolerance.py', 'test_sweep.py', 'test_hybrid.py', 'test_ema.py', 'test_scale.py',
-              'test_package.py', 'test_models.py')
+SLOW_FILES = ('test_slurm.py', 'test_fault_tolerance.py', 'test_sweep.py', 'test_hybrid.py', 'test_ema.py',
+              'test_scale.py', 'test_package.py', 'test_models.py')
 
 
 def pytest_collection_modifyitems(items):

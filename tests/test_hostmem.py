@@ -61,3 +61,19 @@ def test_opt_out_keeps_glibc_defaults_which_fault_every_time():
   # glibc maps a 64 MiB block fresh for each malloc and unmaps it on free: each
   # reuse faults its pages again (2 MiB pages where transparent huge pages apply).
   assert faults >= 10 * (64 << 20) // (2 << 20)
+
+
+def test_devices_and_the_host_memory_settings_know_the_same_accelerator_plugins(monkeypatch, tmp_path):
+  """One list: every plugin that turns the host-memory settings off is one `vit-jax devices` reports."""
+  from vit_jax.tools import devices
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for module in hostmem.ACCELERATOR_MODULES:
+    (tmp_path / module).mkdir()
+    (tmp_path / module / '__init__.py').write_text('')  # What `pip install jax[cuda12]` (or rocm, tpu) installs.
+    monkeypatch.syspath_prepend(str(tmp_path))  # Python's path finders forget what they did not find.
+    _, lines = devices.report()
+    assert f'accelerator plugins installed: {module}' in lines[0], (module, lines[0])
+    assert lines[-1].endswith(f'left alone, the JAX accelerator plugin {module} is installed'), (module, lines[-1])
+    (tmp_path / module / '__init__.py').unlink()
+    (tmp_path / module).rmdir()

@@ -33,6 +33,8 @@ COMMANDS = {
                        'distance', True, True),
     'summary': Command('vit_jax.tools.summary', 'parameters per module and GFLOPs of a variant', False),
     'devices': Command('vit_jax.tools.devices', 'the devices JAX sees and the attention it runs there', False),
+    'selfcheck': Command('vit_jax.tools.selfcheck', 'after installing: train a few steps every way on the '
+                         'devices JAX sees and check that they agree', False, True),
     'memory': Command('vit_jax.tools.memory', 'per-device memory of a config, from shapes alone', True),
     'sweep': Command('vit_jax.sweeps.command', 'run an ablation sweep file and report it', False),
     'benchmark': Command('vit_jax.bench.benchmark', 'train/inference images/s and MFU of a variant', False,
@@ -222,8 +224,11 @@ def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False
 
   defined = [name for name in flags.FLAGS if name not in known]
   saved_argv = sys.argv
-  # ml_collections' --config finds its --config.KEY=VALUE overrides in sys.argv.
-  sys.argv = [prog] + argv
+  # ml_collections' --config finds its --config.KEY=VALUE overrides in sys.argv. absl's app.run names
+  # the process after sys.argv[0] (/proc/PID/comm): `vit-jax-train`, as a space there would hide the
+  # process from tools that split /proc/PID/stat at spaces, such as SLURM's proctrack/linuxproc, which
+  # then never signals it (no time-limit warning, no kill).
+  sys.argv = [prog.replace(' ', '-')] + argv
   try:
     if HELP_FLAGS & set(argv):
       print(command_help(module, prog, defined))

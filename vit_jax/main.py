@@ -25,6 +25,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('discard_damaged', False, 'If every checkpoint in --workdir is damaged, move them to '
                     'corrupt_checkpoints/ and start over from step 0 (without it, the run stops and says so).')
   flags.DEFINE_bool('multihost', False, 'Join a multi-process run detected from the environment (SLURM, TPU).')
+  flags.DEFINE_string('stop_signals', 'TERM,INT,USR1', 'Signals that make the run save a checkpoint and exit '
+                      '(a scheduler\'s preemption, cancel or time-limit warning, e.g. SLURM\'s --signal=USR1@300).')
   flags.DEFINE_integer(
       'cpu_devices', None, 'Split the CPU into this many JAX devices, each running the data-parallel '
       'step on its share of the batch (default $VIT_JAX_CPU_DEVICES or 1; see vit_jax/cpu/devices.py).')
@@ -35,16 +37,17 @@ def main(argv: list[str]) -> None:
   """Trains (or resumes) the run that the parsed flags describe."""
   from vit_jax.cpu import devices as cpu_devices
   from vit_jax.errors import UsageError
-  from vit_jax.training import loop, sharding, steps  # Here, so that --help does not load JAX.
+  from vit_jax.training import loop, preemption, sharding, steps  # Here, so that --help does not load JAX.
 
   if len(argv) > 1:
     raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}; every option is a --flag.')
   f = flags.FLAGS
   try:
+    stop_signals = preemption.parse_signals(f.stop_signals)
     cpu_devices.split_cpu(f.cpu_devices)  # Before JAX creates its CPU backend.
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.multihost, timeout_s=f.distributed_timeout)
-    loop.train_and_evaluate(f.config, f.workdir, discard_damaged=f.discard_damaged)
+    loop.train_and_evaluate(f.config, f.workdir, stop_signals, discard_damaged=f.discard_damaged)
   except steps.DivergenceError as e:
     raise UsageError(str(e)) from None
 

@@ -48,7 +48,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
-# Modules of JAX's accelerator plugins (`jax[cuda12]`, `jax[cuda13]`, ROCm, `jax[tpu]`).
+# Modules of JAX's accelerator plugins (`jax[cuda12]`, `jax[cuda13]`, ROCm, `jax[tpu]`): the one list,
+# which `vit-jax devices` reports from too (`installed_accelerator_plugins`).
 ACCELERATOR_MODULES = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
                        'jax_rocm7_plugin', 'libtpu')
 ACCELERATOR_PLATFORMS = ('cuda', 'gpu', 'rocm', 'tpu')
@@ -72,29 +73,43 @@ def reason() -> str:
   return _reason
 
 
+def installed_accelerator_plugins() -> list[str]:
+  """The JAX accelerator plugins installed, found without importing them or JAX.
+
+  The modules of `ACCELERATOR_MODULES` that Python finds, then the other
+  `jax_plugins` entry points (by name), which JAX loads too.
+  """
+  found = []
+  for module in ACCELERATOR_MODULES:
+    try:
+      if importlib.util.find_spec(module) is not None:
+        found.append(module)
+    except (ImportError, ValueError):
+      continue
+  for entry in importlib.metadata.entry_points(group='jax_plugins'):
+    if entry.value.split(':')[0].split('.')[0] not in found:
+      found.append(entry.name)
+  return found
+
+
 def accelerator_in_use(environ: Optional[dict] = None) -> Optional[str]:
   """Why this process will run JAX on an accelerator, or None if it will use the CPU.
 
   Decided without importing JAX (which would create its backends): from
   JAX_PLATFORMS if set, else from the accelerator plugins installed
-  (`ACCELERATOR_MODULES`, or any `jax_plugins` entry point), which JAX
-  prefers over the CPU when present.
+  (`installed_accelerator_plugins`), which JAX prefers over the CPU when
+  present.
   """
   environ = os.environ if environ is None else environ
   platforms = [p.strip().lower() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
   if platforms:
     named = [p for p in platforms if p in ACCELERATOR_PLATFORMS]
     return f'JAX_PLATFORMS={environ["JAX_PLATFORMS"]} names {named[0]}' if named else None
-  for module in ACCELERATOR_MODULES:
-    try:
-      if importlib.util.find_spec(module) is not None:
-        return f'the JAX accelerator plugin {module} is installed'
-    except (ImportError, ValueError):
-      continue
-  plugins = [e.name for e in importlib.metadata.entry_points(group='jax_plugins')]
-  if plugins:
-    return f'the JAX plugin {plugins[0]} is installed'
-  return None
+  plugins = installed_accelerator_plugins()
+  if not plugins:
+    return None
+  kind = 'accelerator plugin' if plugins[0] in ACCELERATOR_MODULES else 'plugin'
+  return f'the JAX {kind} {plugins[0]} is installed'
 
 
 def retain_freed_memory() -> bool:

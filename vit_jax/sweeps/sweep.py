@@ -27,7 +27,8 @@ with the tail of its stderr and the others go on; the exit code is then 1.
 
 Flags: --plan (list the trials and exit), --parallel N (trials at once),
 --trial I (only trial I; repeatable; for a scheduler fanning out),
---report_only (only rebuild the report). The report (results.csv,
+--report_only (only rebuild the report), --executor slurm (each trial a
+SLURM job, vit_jax/sweeps/slurm.py). The report (results.csv,
 results.md and PNGs, see vit_jax/sweep_report.py) is written into DIR.
 """
 
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import ml_collections
 
@@ -222,10 +223,20 @@ def last_step(trial_dir: str) -> int:
 
 
 class Runner:
-  """Runs trials in subprocesses, `parallel` at a time; forwards SIGTERM/SIGINT to them."""
+  """Runs trials in subprocesses, `parallel` at a time; forwards SIGTERM/SIGINT (or `signals`) to them.
 
-  def __init__(self, sweep: Sweep, workdir: str, parallel: int):
+  A SLURM job's runner (vit_jax/sweeps/slurm_job.py) changes what it does:
+  `wrap` turns the launcher's command line into the one to run (under
+  `srun`), `signals` are the ones it takes, `forward` the one it passes on
+  (one the launcher stops on) and `record` goes into each attempt's row.
+  """
+
+  def __init__(self, sweep: Sweep, workdir: str, parallel: int,
+               wrap: Callable[[list[str]], list[str]] = lambda command: command,
+               signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), forward: int = signal.SIGTERM,
+               record: Optional[dict[str, Any]] = None):
     self.sweep, self.workdir, self.parallel = sweep, workdir, parallel
+    self.wrap, self.signals, self.forward, self.record = wrap, tuple(signals), forward, record or {}
     self.stop_signal: Optional[int] = None
     self._running: set[subprocess.Popen] = set()
     self._lock = threading.Lock()
@@ -235,7 +246,7 @@ class Runner:
     self.stop_signal = signum
     with self._lock:
       for process in self._running:
-        process.send_signal(signal.SIGTERM)  # The launcher saves a checkpoint and exits.
+        process.send_signal(self.forward)  # The launcher saves a checkpoint and exits.
 
   def run_trial(self, trial: Trial) -> dict:
     """Launches `trial` once; returns its outcome: finished, failed, interrupted or not started."""
@@ -250,7 +261,7 @@ class Runner:
       err_offset = os.path.getsize(err_path) if os.path.exists(err_path) else 0
       start = time.time()
       with open(os.path.join(trial_dir, STDOUT_FILE), 'a') as out, open(err_path, 'a') as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(self.wrap(command), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
       self._running.add(process)
     returncode = process.wait()
     with self._lock:
@@ -263,7 +274,7 @@ class Runner:
       status = 'finished' if not returncode and reached >= total_steps else 'interrupted'
     with open(os.path.join(trial_dir, ATTEMPTS_FILE), 'a') as f:
       f.write(json.dumps({'start': start, 'wall_s': wall_s, 'returncode': returncode,
-                          'last_step': reached, 'status': status}) + '\n')
+                          'last_step': reached, 'status': status, **self.record}) + '\n')
     if status == 'finished':
       with open(os.path.join(trial_dir, DONE_FILE), 'w') as f:
         json.dump({'base_config': self.sweep.base_config, 'overrides': trial.overrides,
@@ -279,7 +290,7 @@ class Runner:
 
   def run(self, trials: Sequence[Trial]) -> list[dict]:
     """Runs `trials`, printing a line as each ends; stops launching new ones after a signal."""
-    previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
     outcomes = []
     try:
       with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:

@@ -7,13 +7,10 @@ cpu) it ends with `error: ...` and exit code 2 unless that is the backend:
 the one-line check that an install sees its accelerators (docs/install.md).
 """
 
-import importlib.util
 import sys
 from typing import Optional
 
 from vit_jax.errors import ArgumentParser
-
-PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
 
 
 def report() -> tuple[str, list[str]]:
@@ -26,7 +23,7 @@ def report() -> tuple[str, list[str]]:
 
   backend = jax.default_backend()
   devices = jax.devices()
-  installed = [name for name in PLUGINS if importlib.util.find_spec(name) is not None]
+  installed = hostmem.installed_accelerator_plugins()
   lines = [f'jax {jax.__version__}; accelerator plugins installed: {", ".join(installed) or "none"}',
            f'backend: {backend}, {len(devices)} device(s) of {jax.process_count()} process(es): '
            f'{devices[0].device_kind}']
@@ -39,7 +36,8 @@ def report() -> tuple[str, list[str]]:
   accelerator = hostmem.accelerator_in_use()
   lines.append('host memory settings (vit_jax/cpu/hostmem.py): ' + (
       f'left alone, {accelerator}' if accelerator else
-      'applied by train, predict, evaluate and the benchmarks (CPU backend)'))
+      'applied by the commands that run the model: train, predict, evaluate, the benchmarks, selfcheck, ... '
+      '(CPU backend)'))
   return backend, lines
 
 

@@ -3,8 +3,16 @@
 Compiles the train step of the config from shapes alone (nothing is
 allocated) and prints parameter, optimizer-state and activation bytes per
 device (vit_jax.training.memory). `--devices N` simulates N CPU devices, so
-the plan of a 64-device FSDP run can be read on a laptop (on CPU the
-activation figure is the CPU compiler's plan; GPU/TPU plans differ).
+that a 64-device FSDP layout can be read on a laptop.
+
+What the figures are, which the command prints under them: parameter,
+optimizer-state and EMA bytes are the shards of the train state, exact on
+every platform (the shardings are the same). Activations are the plan of the
+compiler for the devices the step was compiled for: on CPU, and with
+`--devices`, XLA:CPU's plan of the CPU program. That is not a
+GPU/TPU figure: XLA:GPU and XLA:TPU fuse, schedule and rematerialise
+differently. For those, run the command on the GPU/TPU machine itself (or
+`vit-jax selfcheck` there for the peak memory a run reaches).
 """
 
 import json
@@ -83,7 +91,21 @@ def main(argv: list[str]) -> None:
         f'(data={mesh.shape["data"]}, fsdp={mesh.shape["fsdp"]}, '
         f'accumulation_steps={config.accumulation_steps}, remat={config.model.remat}):')
   print(memory.format_report(values))
+  compiler = f'XLA:{mesh.devices.flat[0].platform.upper()}'
+  print(what_the_figures_are(compiler, mesh.size, simulated=devices is not None))
   if flags.FLAGS.json:
     print(json.dumps({'variant': config.model.variant, 'batch_size': config.batch_size,
                       'devices': mesh.size, 'data': mesh.shape['data'], 'fsdp': mesh.shape['fsdp'],
-                      **values}))
+                      'activations_planned_by': compiler, **values}))
+
+
+def what_the_figures_are(compiler: str, num_devices: int, simulated: bool) -> str:
+  """The lines under the report: which figures hold on any platform, and whose plan the activations are."""
+  where = f'{num_devices} simulated CPU devices' if simulated else f'these {num_devices} device(s)'
+  lines = ['params, optimizer (and ema): exact on any platform (the shards of the train state).',
+           f'activations: {compiler}\'s plan for {where}.']
+  if compiler == 'XLA:CPU':
+    lines[-1] = (f'activations: {compiler}\'s plan of the step compiled for {where} (CPU-only code '
+                 'included); not a figure for a GPU or TPU, whose compilers plan their own: run vit-jax '
+                 'memory (or vit-jax selfcheck, for the peak a run reaches) on the GPU/TPU machine.')
+  return '\n'.join(lines)

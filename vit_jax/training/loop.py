@@ -63,9 +63,11 @@ def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_signals=preemption.DEFAULT_SIGNALS,
                        discard_damaged: bool = False) -> dict[str, float]:
   """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics.
 
+  Any of `stop_signals` makes it save a checkpoint and return (vit_jax/training/preemption.py).
   A workdir whose checkpoints cannot be read now (I/O or permission errors,
   out of memory) stops the run before anything is written; one whose every
   checkpoint is damaged stops too, unless `discard_damaged` (`vit-jax train
@@ -155,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final: dict[str, float] = {}
   batch = first_batch
   try:
-    with preemption.StopRequest() as stop:
+    with preemption.StopRequest(stop_signals) as stop:
       for step in range(start_step + 1, config.total_steps + 1):
         if batch is None:
           batch = sharding.global_batch(next(train_iter), run.batch_sharding)
