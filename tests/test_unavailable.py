@@ -235,3 +235,20 @@ def test_readers_name_the_unreadable_file_and_move_nothing(disk, data_dir, run_c
   disk.fail()
   result = run_command('export', '--workdir', workdir, '--out', out)
   assert result.returncode == 0 and json.loads(open(tmp_path / 'exported.json').read())['step'] == 6
+
+
+def test_checkpoints_on_an_unmounted_file_system_stop_the_run(disk, data_dir, run_command):
+  """`checkpoints` is a link into a file system that is not mounted: an error, not a new run from step 0."""
+  run, volume = disk.root / 'run', disk.root / 'volume'
+  volume.mkdir()
+  shutil.move(run / 'checkpoints', volume / 'checkpoints')
+  before = snapshot(run)
+  os.symlink(disk.root / 'mnt' / 'checkpoints', run / 'checkpoints')
+  rc, _, errors = train(run_command, data_dir, run)
+  assert rc == 2 and len(errors) == 1 and 'which does not exist' in errors[0], errors
+  os.remove(run / 'checkpoints')
+  assert snapshot(run) == before  # Nothing else written.
+  os.symlink(disk.root / 'mnt' / 'checkpoints', run / 'checkpoints')
+  os.rename(volume, disk.root / 'mnt')  # Mounted again.
+  rc, out, errors = train(run_command, data_dir, run)
+  assert rc == 0 and 'its checkpoint is at step 6' in out, errors
