@@ -22,6 +22,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1.')
   flags.DEFINE_integer('distributed_timeout', 300, 'Seconds a process waits for the others of a '
                        'multi-process run to join before it gives up, naming what it waited for.')
+  flags.DEFINE_bool('discard_damaged', False, 'If every checkpoint in --workdir is damaged, move them to '
+                    'corrupt_checkpoints/ and start over from step 0 (without it, the run stops and says so).')
   flags.DEFINE_bool('multihost', False, 'Join a multi-process run detected from the environment (SLURM, TPU).')
   flags.DEFINE_string('stop_signals', 'TERM,INT,USR1', 'Signals that make the run save a checkpoint and exit '
                       '(a scheduler\'s preemption, cancel or time-limit warning, e.g. SLURM\'s --signal=USR1@300).')
@@ -45,7 +47,7 @@ def main(argv: list[str]) -> None:
     cpu_devices.split_cpu(f.cpu_devices)  # Before JAX creates its CPU backend.
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.multihost, timeout_s=f.distributed_timeout)
-    loop.train_and_evaluate(f.config, f.workdir, stop_signals)
+    loop.train_and_evaluate(f.config, f.workdir, stop_signals, discard_damaged=f.discard_damaged)
   except steps.DivergenceError as e:
     raise UsageError(str(e)) from None
 

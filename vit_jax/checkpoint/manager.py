@@ -5,17 +5,20 @@ complete, so a crash mid-write never leaves a half checkpoint under its step
 name. Before resuming, each checkpoint's saved tree (orbax's metadata: the
 path, shape and dtype of every array) is compared with the train state the
 new config builds:
-- a checkpoint whose metadata or arrays cannot be read (truncated, deleted
-  files) is damaged: it is moved to `workdir/corrupt_checkpoints/` and the
-  next older one is used;
+- a checkpoint whose files read but do not make a checkpoint (truncated,
+  garbled or missing files) is damaged: it is moved to
+  `workdir/corrupt_checkpoints/` and the next older one is used; when every
+  one is damaged the run stops (`discard_damaged` starts over deliberately);
+- a checkpoint that cannot be read now (I/O or permission errors, a missing
+  directory, out of memory: vit_jax/checkpoint/faults.py) stops the run with
+  a CheckpointUnavailable error before anything is moved or written;
 - a readable checkpoint whose tree or shapes differ was written by a config
   the new one cannot continue (another optimizer chain, model size, number of
   classes): that is a UsageError naming the config keys that changed, raised
   before anything is written.
-Every process takes the same decision: process 0's verdict is broadcast.
+Every process takes the same decision: the gravest verdict of any process.
 """
 
-import datetime
 import json
 import os
 import re
@@ -29,10 +32,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from vit_jax.checkpoint import faults
+from vit_jax.checkpoint.record import config_changes, format_changes, saved_config
 from vit_jax.errors import UsageError
 
-# Verdicts on a checkpoint, as small integers so that processes can agree on them.
-_FITS, _DAMAGED, _INCOMPATIBLE = 0, 1, 2
+# Verdicts on a checkpoint, as small integers so that processes can agree on them, graver ones higher.
+_FITS, _INCOMPATIBLE, _DAMAGED, _UNAVAILABLE = 0, 1, 2, 3
 
 
 def _save_each_array_from_one_replica_on_cpu() -> None:
@@ -120,26 +125,40 @@ def finish(manager: ocp.CheckpointManager) -> None:
 
 
 def _write_error(manager: ocp.CheckpointManager, error: Exception) -> UsageError:
+  """The one-line error of a failed save, once the checkpoints written before it are read back."""
   _close_after_error(manager)
   text = str(error)
   # Tensorstore wraps the OS error: '... Failed to write N bytes to file 8: File too large [os_error_code=...]',
   # on the first line or a later one depending on which writer thread failed first.
   found = re.search(r': ([^:\[\n]+?) \[os_error_code', text)
   reason = found.group(1) if found else (text.splitlines()[0][:300] if text else type(error).__name__)
-  return UsageError(f'Cannot write a checkpoint to {manager.directory}: {reason}. Free disk space or '
-                    'choose another --workdir; the checkpoints already written are kept.')
-
-
-def _first_line(error: Exception) -> str:
-  return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+  if re.search(r'No space left|File too large|Disk quota', reason):
+    fix = 'Free disk space or choose another --workdir'
+  else:
+    fix = ('The file system failed to write (not the run): check that it is mounted, writable and answering, '
+           'then run the same command to resume')
+  directory = str(manager.directory)
+  try:
+    steps = faults.list_steps(directory)
+    unread = next(filter(None, (faults.unreadable(os.path.join(directory, str(s))) for s in steps)), None)
+  except faults.CheckpointUnavailable as e:
+    steps, unread = [], str(e)
+  if unread:
+    kept = f'the checkpoints written before could not be read back either ({unread}): check the file system'
+  elif steps:
+    kept = f'the checkpoints written before (steps {", ".join(map(str, steps))}) read back intact'
+  else:
+    kept = 'no checkpoint was written before'
+  return UsageError(f'Cannot write a checkpoint to {directory}: {reason}. {fix}; {kept}.')
 
 
 def _agreed(verdict: int) -> int:
-  """Process 0's `verdict`, on every process: all take the same branch from the same files."""
+  """The gravest `verdict` of all processes, on every process: all take the same branch, and a checkpoint
+  that one process cannot read now is unavailable for all (none sets aside what another could not read)."""
   if jax.process_count() == 1:
     return verdict
   from jax.experimental import multihost_utils
-  return int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
+  return int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
 
 
 # --- What a checkpoint holds, and whether the new config's train state fits it. ---
@@ -190,12 +209,19 @@ def _state_difference(saved: dict, wanted: dict) -> str:
   return '; '.join(parts)
 
 
+def _failure(error: BaseException, step_dir: str) -> tuple[int, str]:
+  """(_UNAVAILABLE or _DAMAGED, reason) of a failed read of `step_dir` (faults.py tells which)."""
+  reason = faults.unavailable_reason(error, step_dir)
+  return (_UNAVAILABLE, reason) if reason else (_DAMAGED, faults.first_line(error))
+
+
 def _verdict(step_dir: str, abstract_state: Any) -> tuple[int, str, Any]:
-  """(_FITS, '', saved tree), (_DAMAGED, reason, None) or (_INCOMPATIBLE, difference, saved tree)."""
+  """(_FITS, '', saved tree), (_INCOMPATIBLE, difference, saved tree), or (_DAMAGED or _UNAVAILABLE,
+  reason, None)."""
   try:
     saved = saved_tree(step_dir)
   except Exception as e:  # Orbax raises many types for missing or unreadable files.
-    return _DAMAGED, _first_line(e), None
+    return (*_failure(e, step_dir), None)
   difference = _state_difference(_shapes(saved), _shapes(abstract_state))
   return (_INCOMPATIBLE if difference else _FITS), difference, saved
 
@@ -213,45 +239,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, saved: Any, abstract_sta
   restored = _by_path(manager.restore(step, args=ocp.args.StandardRestore(target)))
   treedef = jax.tree_util.tree_structure(abstract_state)
   return jax.tree_util.tree_unflatten(treedef, [restored[path] for path in wanted])
-
-
-def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
-  """A config's JSON form as {'optimizer.grad_clip_norm': 1.0, ...}."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flat(value, f'{prefix}.{key}' if prefix else key))
-  return flat
-
-
-def saved_config(workdir: str) -> Optional[dict]:
-  """The JSON form of `workdir/config.json`, or None when there is none."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict,
-                   added: bool = False) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (saved value, new value)} of every key where `config` differs from `saved` (config.json).
-
-  Keys that only one of them has (a config.json written before a key was
-  added) count only with `added`, as (None, value) or (value, None).
-  """
-  old, new = _flat(saved or {}), _flat(json.loads(config.to_json_best_effort()))
-  keys = set(old) | set(new) if added else set(old) & set(new)
-  return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
-
-
-def format_changes(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
-  """'optimizer.grad_clip_norm 1.0 -> 0.0, ...' (at most `limit` keys, then a count)."""
-  shown = [f'{k} {old!r} -> {new!r}' for k, (old, new) in list(changes.items())[:limit]]
-  if len(changes) > limit:
-    shown.append(f'and {len(changes) - limit} more')
-  return ', '.join(shown)
 
 
 def _incompatible_error(workdir: str, step: int, difference: str,
@@ -272,18 +259,19 @@ def _incompatible_error(workdir: str, step: int, difference: str,
 
 
 def _finished_steps(directory: str) -> list[int]:
-  """Steps of the finished checkpoints in `directory`, newest first.
+  """Steps of the finished checkpoints in `directory`, newest first (CheckpointUnavailable if it cannot be
+  listed)."""
+  return faults.list_steps(directory)
 
-  Orbax renames a checkpoint to its step when it is complete; its temporary
-  directories are not all digits.
-  """
-  if not os.path.isdir(directory):
-    return []
-  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+
+def _unavailable(workdir: str, step: int, reason: str) -> faults.CheckpointUnavailable:
+  return faults.unavailable_error(f'the checkpoint at step {step} of --workdir {workdir}',
+                                  reason or 'it could not be read on another process (see its log)')
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any) -> None:
-  """Fails, writing nothing, if the newest readable checkpoint of `workdir` cannot take `abstract_state`.
+  """Fails, writing nothing, if the newest readable checkpoint of `workdir` cannot take `abstract_state`,
+  or if a checkpoint it looks at cannot be read now (CheckpointUnavailable).
 
   Damaged checkpoints are skipped here (restore_latest sets them aside): a
   run whose latest checkpoint is damaged and whose previous one fits resumes.
@@ -291,44 +279,64 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_st
   directory = os.path.join(workdir, 'checkpoints')
   for step in _finished_steps(directory):
     verdict, detail, _ = _verdict(os.path.join(directory, str(step)), abstract_state)
-    verdict = _agreed(verdict)
-    if verdict == _INCOMPATIBLE:
-      raise _incompatible_error(workdir, step, detail or 'differs on process 0', config)
-    if verdict == _FITS:
+    agreed = _agreed(verdict)
+    if agreed == _UNAVAILABLE:
+      raise _unavailable(workdir, step, detail if verdict == _UNAVAILABLE else '')
+    if agreed == _INCOMPATIBLE:
+      raise _incompatible_error(workdir, step, detail or 'differs on another process', config)
+    if agreed == _FITS:
       return
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   config: Optional[ml_collections.ConfigDict] = None) -> Optional[Any]:
+                   config: Optional[ml_collections.ConfigDict] = None,
+                   discard_damaged: bool = False) -> Optional[Any]:
   """The newest readable state, laid out like `abstract_state` (shapes and shardings), or None.
 
   Restoring each array by its path into the abstract state keeps optax's
   state types and places every array directly with its target sharding,
   whatever the device count the checkpoint was written with. Damaged
-  checkpoints are set aside; one that is readable but of another tree is a
-  UsageError (check_resumable says so earlier, before anything is written).
+  checkpoints newer than the one restored are set aside once it is restored.
+  A checkpoint that cannot be read now is CheckpointUnavailable, raised
+  before anything is moved. When every checkpoint is damaged, that is a
+  UsageError, nothing moved, unless `discard_damaged`: then all are set aside
+  and None is returned (the run starts over). One that is readable but of
+  another tree is a UsageError (check_resumable says so earlier, before
+  anything is written).
   """
   directory = str(manager.directory)
-  for step in sorted(manager.all_steps(), reverse=True):
-    verdict, reason, saved = _verdict(os.path.join(directory, str(step)), abstract_state)
-    verdict = _agreed(verdict)
-    if verdict == _INCOMPATIBLE:
-      workdir = os.path.dirname(directory)
-      raise _incompatible_error(workdir, step, reason or 'differs on process 0', config)
-    if verdict == _FITS:
+  workdir = os.path.dirname(directory)
+  damaged: list[tuple[int, str]] = []
+  state = None
+  for step in _finished_steps(directory):
+    step_dir = os.path.join(directory, str(step))
+    verdict, reason, saved = _verdict(step_dir, abstract_state)
+    agreed = _agreed(verdict)
+    if agreed == _FITS:
       try:
-        state, ok = _restore(manager, step, saved, abstract_state), 1
-      except Exception as e:  # Orbax raises many types for damaged array files.
-        state, ok, reason = None, 0, _first_line(e)
-      if jax.process_count() > 1:  # Damaged if any process could not read its part.
-        from jax.experimental import multihost_utils
-        ok = int(np.min(multihost_utils.process_allgather(np.int32(ok))))
-      if ok:
-        return state
+        state = _restore(manager, step, saved, abstract_state)
+      except Exception as e:  # Orbax raises many types, for damage and for faults alike.
+        verdict, reason = _failure(e, step_dir)
+      agreed = _agreed(verdict)
+    if agreed == _UNAVAILABLE:
+      raise _unavailable(workdir, step, reason if verdict == _UNAVAILABLE else '')
+    if agreed == _INCOMPATIBLE:
+      raise _incompatible_error(workdir, step, reason or 'differs on another process', config)
+    if agreed == _FITS:
+      break
+    state = None
+    damaged.append((step, reason if verdict == _DAMAGED else 'unreadable on another process'))
+  if state is None and damaged and not discard_damaged:
+    listed = '; '.join(f'step {step}: {reason}' for step, reason in damaged)
+    raise UsageError(
+        f'Every checkpoint in {directory} is damaged ({listed}); nothing was moved. To start over from step 0 '
+        'deliberately, run the same command with --discard_damaged (they are moved to '
+        f'{os.path.join(workdir, "corrupt_checkpoints")}).')
+  for step, reason in damaged:
     _set_aside(manager, step)
-    print(f'Checkpoint at step {step} is damaged ({reason or "unreadable on another process"}); set '
-          'aside, trying the previous one.', flush=True)
-  return None
+    if jax.process_index() == 0:
+      print(f'Checkpoint at step {step} is damaged ({reason}); set aside in corrupt_checkpoints/.', flush=True)
+  return state
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
@@ -337,7 +345,10 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   if jax.process_index() == 0 and os.path.exists(source):
     target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints')
     os.makedirs(target_dir, exist_ok=True)
-    shutil.move(source, os.path.join(target_dir, f'{step}'))
+    target = os.path.join(target_dir, f'{step}')
+    while os.path.exists(target):  # Set aside before: keep both.
+      target += '+'
+    shutil.move(source, target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'set_aside_{step}')
@@ -355,18 +366,28 @@ def best_step(workdir: str, metric: str, mode: str) -> Optional[int]:
   values = {}
   for step in _finished_steps(directory):
     path = os.path.join(directory, str(step), 'metrics', 'metrics')
-    if os.path.isfile(path):
+    try:
       with open(path) as f:
-        metrics = json.load(f)
-      if isinstance(metrics, dict) and metric in metrics:
-        values[step] = float(metrics[metric])
+        text = f.read()
+    except FileNotFoundError:  # Saved without eval.
+      continue
+    except OSError as e:
+      raise faults.unavailable_error(f'the metrics of checkpoint {step}', f'{e.strerror} on {path}',
+                                     reader=True) from None
+    try:
+      metrics = json.loads(text)
+    except ValueError as e:
+      raise UsageError(f'--step best: the metrics of checkpoint {step} do not parse ({e}; {path}): that '
+                       'checkpoint is damaged; pass --step with a step number instead.') from None
+    if isinstance(metrics, dict) and metric in metrics:
+      values[step] = float(metrics[metric])
   if not values:
     return None
   sign = 1 if mode == 'max' else -1
   return max(values, key=lambda step: (sign * values[step], step))
 
 
-# --- The workdir: writable, room for checkpoints, and its record of the config. ---
+# --- The workdir: writable, with room for checkpoints. ---
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -401,32 +422,3 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_stat
                        f'this model need {needed / 2**20:,.1f} MiB; free space or choose another '
                        '--workdir.')
     check_resumable(workdir, config, abstract_state)
-
-
-def _write_json(path: str, text: str) -> None:
-  """Writes `text` aside and renames it: a failed write keeps the previous file."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-
-
-def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
-  """Keeps `workdir/config.json` the config that the run's checkpoints are trained with (process 0).
-
-  A new run writes it. A run resumed at `step` with other values (a longer
-  schedule, another learning rate, remat, ...) rewrites it and appends
-  `{"step", "time", "changes": {key: [old, new]}}` to config_history.jsonl,
-  so the record says which steps were trained with which values.
-  """
-  saved = saved_config(workdir)
-  changes = config_changes(saved, config) if saved is not None else {}
-  if saved is not None and not changes:
-    return
-  if changes:
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-    row = {'step': int(step), 'time': now,
-           'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
-      f.write(json.dumps(row) + '\n')
-  _write_json(os.path.join(workdir, 'config.json'),
-              config.to_json_best_effort(indent=2, sort_keys=True) + '\n')

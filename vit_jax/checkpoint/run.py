@@ -57,9 +57,9 @@ def select_checkpoint(workdir: str, step: Union[str, int] = 'latest',
   (`config` defaults to the workdir's config.json), which the run keeps even
   when it is older than the latest `config.keep_checkpoints`.
   """
+  from vit_jax.checkpoint import faults
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  # Finished checkpoints are renamed to their step; orbax's temporary ones are not all digits.
-  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+  steps = sorted(faults.list_steps(directory, reader=True))  # Finished checkpoints only.
   if not steps:
     raise UsageError(f'Workdir {workdir!r} has no checkpoint in checkpoints/ yet; train until the first '
                      'checkpoint (config.checkpoint_every_steps) or pass --checkpoint FILE.npz.')
@@ -104,10 +104,15 @@ def restore_params(path: str, abstract_params: Any, field: str = 'params') -> An
     with ocp.PyTreeCheckpointer() as checkpointer:
       tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
-  except Exception as e:  # Orbax raises many types for missing or mismatched files.
-    reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-    raise UsageError(f'Cannot read the parameters of checkpoint {path} ({reason}); check that the '
-                     "workdir's config.json is the one that wrote it.") from None
+  except Exception as e:  # Orbax raises many types, for damage, faults and mismatched files alike.
+    from vit_jax.checkpoint import faults
+    step_dir = os.path.dirname(path)
+    unavailable = faults.unavailable_reason(e, step_dir)
+    if unavailable:
+      raise faults.unavailable_error(f'checkpoint {step_dir}', unavailable, reader=True) from None
+    raise UsageError(f'Cannot read the parameters of checkpoint {path} ({faults.first_line(e)}): it is '
+                     "damaged, or the workdir's config.json is not the one that wrote it; pick another "
+                     'checkpoint with --step N (nothing was moved).') from None
   return tree[field]
 
 
@@ -129,7 +134,11 @@ def load_workdir(workdir: str, ema: bool = False, step: Union[str, int] = 'lates
   if not os.path.isfile(config_path):
     raise UsageError(f'No config.json in workdir {workdir!r}; pass the --workdir of a training run '
                      '(python -m vit_jax.main --config ... --workdir DIR).')
-  config = load_config(config_path)
+  try:
+    config = load_config(config_path)
+  except OSError as e:
+    from vit_jax.checkpoint import faults
+    raise faults.unavailable_error(f'workdir {workdir!r}', f'{e.strerror} on {config_path}', reader=True) from None
   if ema and not config.ema.decay:
     raise UsageError(f'--ema: workdir {workdir!r} was trained without EMA (config.ema.decay=0), so its '
                      'checkpoints hold no averaged parameters; drop --ema, or train with '

@@ -63,10 +63,15 @@ def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_signals=preemption.DEFAULT_SIGNALS) -> dict[str, float]:
+                       stop_signals=preemption.DEFAULT_SIGNALS,
+                       discard_damaged: bool = False) -> dict[str, float]:
   """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics.
 
   Any of `stop_signals` makes it save a checkpoint and return (vit_jax/training/preemption.py).
+  A workdir whose checkpoints cannot be read now (I/O or permission errors,
+  out of memory) stops the run before anything is written; one whose every
+  checkpoint is damaged stops too, unless `discard_damaged` (`vit-jax train
+  --discard_damaged`): then they are set aside and the run starts over.
   """
   mesh = sharding.make_mesh(config)
   run = setup(config, mesh)
@@ -106,8 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint.create_manager(workdir, config)
   if state is None:
     state = checkpoint.restore_latest(manager, sharding.placed(run.abstract_state, run.state_sharding),
-                                      config)
-    if state is None:  # Every checkpoint was damaged and set aside.
+                                      config, discard_damaged=discard_damaged)
+    if state is None:  # Every checkpoint was damaged and set aside, as asked (discard_damaged).
       state = fresh_state()
     elif is_main:
       print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}.', flush=True)
