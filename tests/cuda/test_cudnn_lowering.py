@@ -58,7 +58,7 @@ def test_bf16_train_step_lowers_for_cuda_with_cudnn_attention_and_no_square_tens
   mesh = sharding.make_mesh(config)
   run = setup.setup(config, mesh, 'cuda')
   tokens = (image_size // 16) ** 2 + (pool == 'token')
-  length, _ = attention.cudnn_length(tokens, 12, 64, jnp.bfloat16)
+  length, _ = platform.cudnn_length(tokens, 12, 64, jnp.bfloat16)
   assert length is not None and length % 2 == 0
   line = platform.attention_implementation(config, 'gpu')
   assert line.startswith("attention on gpu: cuDNN flash attention (jax.nn.dot_product_attention, "

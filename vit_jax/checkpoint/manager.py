@@ -269,6 +269,17 @@ def _unavailable(workdir: str, step: int, reason: str) -> faults.CheckpointUnava
                                   reason or 'it could not be read on another process (see its log)')
 
 
+def _stop_unless_usable(agreed: int, verdict: int, detail: str, workdir: str, step: int,
+                        config: Optional[ml_collections.ConfigDict]) -> None:
+  """Raises when the processes agreed that `step` cannot be read now or is of another tree.
+
+  `verdict` and `detail` are this process's own; another process's verdict leaves no detail here."""
+  if agreed == _UNAVAILABLE:
+    raise _unavailable(workdir, step, detail if verdict == _UNAVAILABLE else '')
+  if agreed == _INCOMPATIBLE:
+    raise _incompatible_error(workdir, step, detail or 'differs on another process', config)
+
+
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any) -> None:
   """Fails, writing nothing, if the newest readable checkpoint of `workdir` cannot take `abstract_state`,
   or if a checkpoint it looks at cannot be read now (CheckpointUnavailable).
@@ -280,10 +291,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_st
   for step in _finished_steps(directory):
     verdict, detail, _ = _verdict(os.path.join(directory, str(step)), abstract_state)
     agreed = _agreed(verdict)
-    if agreed == _UNAVAILABLE:
-      raise _unavailable(workdir, step, detail if verdict == _UNAVAILABLE else '')
-    if agreed == _INCOMPATIBLE:
-      raise _incompatible_error(workdir, step, detail or 'differs on another process', config)
+    _stop_unless_usable(agreed, verdict, detail, workdir, step, config)
     if agreed == _FITS:
       return
 
@@ -318,10 +326,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       except Exception as e:  # Orbax raises many types, for damage and for faults alike.
         verdict, reason = _failure(e, step_dir)
       agreed = _agreed(verdict)
-    if agreed == _UNAVAILABLE:
-      raise _unavailable(workdir, step, reason if verdict == _UNAVAILABLE else '')
-    if agreed == _INCOMPATIBLE:
-      raise _incompatible_error(workdir, step, reason or 'differs on another process', config)
+    _stop_unless_usable(agreed, verdict, reason, workdir, step, config)
     if agreed == _FITS:
       break
     state = None

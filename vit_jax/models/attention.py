@@ -6,11 +6,11 @@ same signature: `cudnn_attention` (cuDNN's flash attention through
 `jax.nn.dot_product_attention`, the sequence padded to a length cuDNN takes)
 or the CPU train step's rule in vit_jax/cpu/kernels.py. Which one runs is
 decided by the training side (vit_jax/training/platform.py) before the model
-is applied; `cudnn_length` asks JAX itself whether cuDNN takes the operands.
+is applied (`vit_jax.training.platform.cudnn_length` asks JAX itself whether
+cuDNN takes the operands).
 The Flax module that uses them is `vit_jax.models.layers.MultiHeadDotProductAttention`.
 """
 
-import functools
 from typing import Any, Optional
 
 import jax
@@ -78,45 +78,3 @@ def cudnn_attention(q: Array, k: Array, v: Array, *, length: Optional[int] = Non
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation='cudnn')
   return out[:, :tokens]
-
-
-def cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: DType, length: int) -> Optional[str]:
-  """Why JAX refuses to lower `cudnn_attention`'s training (forward and backward) for cuda at
-  these shapes padded to `length`, or None if it lowers. JAX's own checks (cuDNN installed, dtype,
-  head size, sequence lengths), asked by a trial lowering; cached."""
-  return _cudnn_refusal(tokens, heads, head_dim, jnp.dtype(dtype).name, length)
-
-
-@functools.lru_cache(maxsize=None)
-def _cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: str, length: int) -> Optional[str]:
-  spec = jax.ShapeDtypeStruct((1, tokens, heads, head_dim), jnp.dtype(dtype))
-
-  def loss(q, k, v):
-    return cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()
-  try:
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(lowering_platforms=('cuda',))
-  except Exception as e:  # noqa: BLE001  JAX raises NotImplementedError, RuntimeError, ValueError...
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if 'cuDNN is not detected' in reason:
-      reason += " (JAX's CUDA plugin is not installed: pip install -e .[cuda12])"
-    return reason
-  return None
-
-
-def cudnn_length(tokens: int, heads: int, head_dim: int, dtype: DType) -> tuple[Optional[int], str]:
-  """(the sequence length at which JAX's cuDNN path trains this self-attention, or None; why).
-
-  The token count itself, else the first padded length JAX accepts among the
-  next multiples of 2, 8, 64 and 128; None with JAX's reason for the token
-  count when none is accepted.
-  """
-  candidates = [tokens] + [-(-tokens // m) * m for m in (2, 8, 64, 128)]
-  first = None
-  for length in dict.fromkeys(candidates):
-    reason = cudnn_refusal(tokens, heads, head_dim, dtype, length)
-    if reason is None:
-      return length, 'cuDNN flash attention'
-    first = first or reason
-    if 'sequence length' not in reason:  # Not about the length: no padding helps.
-      break
-  return None, first

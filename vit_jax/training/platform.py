@@ -7,7 +7,7 @@ before it is applied:
   (kept only while a side-by-side measurement shows them earning their
   place: docs/performance.md);
 - gpu (CUDA): cuDNN's flash attention where JAX's cuDNN path takes the
-  operands (asked by a trial lowering: `attention.cudnn_length`), the
+  operands (asked by a trial lowering: `cudnn_length`), the
   sequence padded to a length it takes; XLA's autodiff for everything else;
 - tpu and anything else: the plain model, XLA's autodiff.
 `config.model.attention` narrows the attention choice: 'xla' never takes
@@ -15,7 +15,7 @@ cuDNN, 'reference' runs the explicit softmax with plain autodiff everywhere.
 """
 
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,48 @@ def self_attention_tokens(model: VisionTransformer, config: ml_collections.Confi
   return rows * columns + model.num_prefix_tokens
 
 
+def cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: Any, length: int) -> Optional[str]:
+  """Why JAX refuses to lower `cudnn_attention`'s training (forward and backward) for cuda at
+  these shapes padded to `length`, or None if it lowers. JAX's own checks (cuDNN installed, dtype,
+  head size, sequence lengths), asked by a trial lowering; cached."""
+  return _cudnn_refusal(tokens, heads, head_dim, jnp.dtype(dtype).name, length)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: str, length: int) -> Optional[str]:
+  spec = jax.ShapeDtypeStruct((1, tokens, heads, head_dim), jnp.dtype(dtype))
+
+  def loss(q, k, v):
+    return attention.cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(lowering_platforms=('cuda',))
+  except Exception as e:  # noqa: BLE001  JAX raises NotImplementedError, RuntimeError, ValueError...
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if 'cuDNN is not detected' in reason:
+      reason += " (JAX's CUDA plugin is not installed: pip install -e .[cuda12])"
+    return reason
+  return None
+
+
+def cudnn_length(tokens: int, heads: int, head_dim: int, dtype: Any) -> tuple[Optional[int], str]:
+  """(the sequence length at which JAX's cuDNN path trains this self-attention, or None; why).
+
+  The token count itself, else the first padded length JAX accepts among the
+  next multiples of 2, 8, 64 and 128; None with JAX's reason for the token
+  count when none is accepted.
+  """
+  candidates = [tokens] + [-(-tokens // m) * m for m in (2, 8, 64, 128)]
+  first = None
+  for length in dict.fromkeys(candidates):
+    reason = cudnn_refusal(tokens, heads, head_dim, dtype, length)
+    if reason is None:
+      return length, 'cuDNN flash attention'
+    first = first or reason
+    if 'sequence length' not in reason:  # Not about the length: no padding helps.
+      break
+  return None, first
+
+
 def attention_choice(model: VisionTransformer, config: ml_collections.ConfigDict,
                      platform: str, cpu_rules: Optional[tuple[str, ...]] = None
                      ) -> tuple[Optional[Callable], str]:
@@ -68,7 +110,7 @@ def attention_choice(model: VisionTransformer, config: ml_collections.ConfigDict
       return None, f"{EXPLICIT}, autodiff backward (not cuDNN: config.model.attention={implementation!r})"
     tokens = self_attention_tokens(model, config)
     head_dim = model.hidden_size // model.num_heads
-    length, why = attention.cudnn_length(tokens, model.num_heads, head_dim, model.dtype)
+    length, why = cudnn_length(tokens, model.num_heads, head_dim, model.dtype)
     if length is None:
       return None, f'{EXPLICIT}, autodiff backward (not cuDNN: {why})'
     padded = f', {tokens} tokens padded to {length} and masked' if length != tokens else ''
