@@ -64,6 +64,27 @@ def pytest_collection_modifyitems(items):
   items.sort(key=rank)  # Stable: the order within each file stays.
 
 
+# VIT_JAX_TESTS_CPU_LOG=PATH: each test's CPU seconds (its process and the processes it started and
+# waited for, user + system) appended to PATH as "seconds nodeid" lines. CPU time, unlike wall time,
+# ranks the tests on a machine that other work shares (docs/testing.md).
+CPU_LOG = os.environ.get('VIT_JAX_TESTS_CPU_LOG')
+
+
+def _cpu_seconds() -> float:
+  import resource
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  start = _cpu_seconds() if CPU_LOG else 0.0
+  yield
+  if CPU_LOG:
+    with open(CPU_LOG, 'a') as f:
+      f.write(f'{_cpu_seconds() - start:.1f} {item.nodeid}\n')
+
+
 def pytest_sessionfinish(session):
   if not hasattr(session.config, 'workerinput'):  # The controller (or a run without workers).
     shutil.rmtree(RUN_DIR, ignore_errors=True)
