@@ -1,0 +1,29 @@
+"""FlexiViT (Beyer et al. 2023): one model trained at patch sizes 2, 4 and 8 against a model per patch size.
+
+  vit-jax sweep experiments/flexivit.py --workdir /tmp/sweeps/flexivit --parallel 2
+  vit-jax evaluate --workdir /tmp/sweeps/flexivit/model.variant=Ti_4,model.patch_sizes=_2,4,8_,seed=0 --patch_size 2 --out_dir /tmp/sweeps/flexivit/flexi_p2
+
+The quickstart ViT (16x16 digits) shortened to 400 steps, trained at patch
+size 2 (64 tokens), 4 (16) and 8 (4) alone, and once as a FlexiViT whose
+steps draw 2, 4 or 8 (parameters stored at 4, PI-resized per step). The
+FlexiViT run is then evaluated at each patch size with `vit-jax evaluate
+--patch_size N` (its own eval is at 4). FlexiViT reports that one flexible
+model matches or beats the models trained at each patch size alone.
+"""
+
+BASE_CONFIG = 'configs/quickstart.py'
+OVERRIDES = {
+    'total_steps': 400,
+    'eval_every_steps': 100,
+    'checkpoint_every_steps': 200,
+    'log_every_steps': 50,
+}
+TRIALS = [
+    {'model.variant': 'Ti/2'},
+    {'model.variant': 'Ti/4'},
+    {'model.variant': 'Ti/8'},
+    {'model.variant': 'Ti/4', 'model.patch_sizes': (2, 4, 8)},
+]
+SEEDS = 1
+METRIC = 'eval/accuracy'
+MODE = 'max'
