@@ -83,7 +83,8 @@ def test_scan_layout_orthogonalises_each_layer_on_its_own():
   tx = optim.create_optimizer(config)
   per_block, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   stacked_params, stacked_grads = stack_blocks(params), stack_blocks(grads)
-  assert muon.muon_labels(stacked_params)['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel'] == 'muon'
+  labels = muon.muon_labels(stacked_params)['Transformer']['encoderblock']
+  assert labels['MlpBlock_3']['Dense_0']['kernel'] == 'muon' and labels['LayerNorm_0']['scale'] == 'adamw'
   stacked, _ = jax.jit(tx.update)(stacked_grads, tx.init(stacked_params), stacked_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), unstack_blocks(
       jax.device_get(stacked)), jax.device_get(per_block))

@@ -18,7 +18,7 @@ matrices. With `muon_consistent_rms` (default 0.2, Liu et al. 2025,
 AdamW update, so AdamW's learning rate and weight decay fit both halves.
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -58,7 +58,8 @@ def _muon_dimension_numbers(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(dimension_numbers, params)
 
 
-def create_muon(config: ml_collections.ConfigDict, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
+def create_muon(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                decay_mask: Callable) -> optax.GradientTransformation:
   """Muon for the encoder's kernels and AdamW (`decay_mask` for its weight decay) for the rest."""
   opt = config.optimizer
   muon = optax.contrib.muon(
