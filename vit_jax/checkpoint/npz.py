@@ -37,6 +37,7 @@ import numpy as np
 
 from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
+from vit_jax.models import flexi
 from vit_jax.models.vit import stack_blocks, unstack_blocks
 
 Params = dict[str, Any]
@@ -237,7 +238,8 @@ def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: 
                  grid: Optional[tuple[int, int]] = None) -> Params:
   """`loaded` (per-block layout) made to fit `template` (shapes of the target model).
 
-  Position embeddings are resized to the template's patch grid, `grid` (rows,
+  A patch embedding of another patch size is PI-resized to the template's
+  (`vit_jax.models.flexi`). Position embeddings are resized to the template's patch grid, `grid` (rows,
   columns; default: the square its token count makes), the head
   is replaced by zeros when `reset_head`, a `pre_logits` layer the template
   lacks is dropped (as the paper does when fine-tuning) and one it has but
@@ -247,6 +249,12 @@ def adapt_params(loaded: Params, template: Params, *, reset_head: bool, source: 
   loaded = unstack_blocks(loaded)
   template_flat = flatten_params(unstack_blocks(template))
   flat = flatten_params(loaded)
+  kernel = 'embedding/kernel'
+  if (kernel in flat and kernel in template_flat and np.ndim(flat[kernel]) == 4
+      and np.shape(flat[kernel])[2:] == template_flat[kernel].shape[2:]
+      and np.shape(flat[kernel])[:2] != template_flat[kernel].shape[:2]):
+    # Another patch size: the FlexiViT PI-resize (vit_jax/models/flexi.py).
+    flat[kernel] = flexi.pi_resize_kernel(np.asarray(flat[kernel]), template_flat[kernel].shape[:2])
   key = 'Transformer/posembed_input/pos_embedding'
   if key in flat and key in template_flat and np.shape(flat[key]) != template_flat[key].shape:
     src_prefix, dst_prefix = int('cls' in flat), int('cls' in template_flat)

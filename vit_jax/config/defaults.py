@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.layerscale = ml_collections.FieldReference(None, field_type=float)  # Initial LayerScale of residual branches (e.g. 1e-4); None for none.
   config.model.remat = ml_collections.FieldReference(False, field_type=object)  # Recompute block activations in the backward pass: False/'none', True/'full' (least memory, ~30% more compute), or a jax.checkpoint_policies name ('dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable').
   config.model.scan = False  # One nn.scan over the blocks: compile time independent of depth (params stacked per layer).
+  config.model.patch_sizes = ()  # FlexiViT: e.g. (2, 4, 8); each train step draws one (from the seed and step) and PI-resizes the variant's patch embedding and position embeddings to it; () trains at the variant's patch size only.
+  config.model.patch_dropout = 0.0  # Token dropping: share of patch tokens each training image drops at random (never the class token or registers; none at evaluation); 0 disables.
 
   # Fine-tuning: start from pretrained parameters instead of a random init (only
   # when the workdir has no checkpoint yet; a later run resumes as usual).
@@ -88,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.init.reset_head = True  # Zero `head` for config.dataset.num_classes; False loads it (shapes must match).
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adamw'  # 'adamw' or 'sgd' (with momentum).
+  config.optimizer.name = 'adamw'  # 'adamw', 'sgd' (with momentum) or 'muon' (Muon for the encoder's matrices, AdamW for the rest).
   config.optimizer.learning_rate = 1e-3  # Peak learning rate, reached after warm-up.
   config.optimizer.schedule = 'cosine'  # Decay after warm-up: 'cosine', 'linear' or 'constant'.
   config.optimizer.warmup_steps = 10  # Linear warm-up from 0 to the peak.
@@ -99,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # SGD momentum.
   config.optimizer.grad_clip_norm = 1.0  # Clip gradients to this global norm; 0 disables.
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy targets.
+  config.optimizer.muon_beta = 0.95  # Muon's (Nesterov) momentum.
+  config.optimizer.muon_ns_steps = 5  # Muon's Newton-Schulz iterations.
+  config.optimizer.muon_consistent_rms = 0.2  # Muon's updates scaled to this RMS (Liu et al. 2025) so that AdamW's learning rate and weight decay fit them; 0: Keller Jordan's sqrt(max(1, fan_out / fan_in)) (which wants a larger learning rate).
   config.optimizer.freeze = ''  # Regex searched in parameter paths ('Transformer/encoderblock_0/...', 'head/kernel'): matches are frozen, with no optimizer state. '^(?!head/)' = linear probe; '' trains all.
 
   # Exponential moving average (Polyak averaging) of the parameters, kept in

@@ -13,6 +13,7 @@ ViT of that size cuts into patches; see `HYBRIDS`.
 from typing import Any
 
 from vit_jax.config.sizes import image_hw
+from vit_jax.models import flexi
 from vit_jax.models.vit import VisionTransformer, remat_policy
 
 # size: (hidden_size, num_layers, mlp_dim, num_heads)
@@ -116,13 +117,20 @@ def model_from_config(config) -> VisionTransformer:
     raise UsageError(f'config.model.remat: {e}') from None
   if m.num_registers < 0:
     raise UsageError(f'config.model.num_registers={m.num_registers} is negative; use 0 or more.')
+  if not 0.0 <= m.patch_dropout < 1.0:
+    raise UsageError(f'config.model.patch_dropout={m.patch_dropout} must be in [0, 1), e.g. 0.5; 0 disables.')
+  try:
+    flexi.check_patch_sizes(m.patch_sizes, (height, width), 'resnet_stages' in fields)
+  except ValueError as e:
+    raise UsageError(f'config.model.{e}') from None
   model = create_model(
       m.variant, config.dataset.num_classes, hidden_size=m.hidden_size, num_layers=m.num_layers,
       mlp_dim=m.mlp_dim, num_heads=m.num_heads, pool=m.pool, posemb=m.posemb,
       representation_size=m.representation_size, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, stochastic_depth=m.stochastic_depth,
       dtype=jnp.dtype(m.dtype), num_registers=m.num_registers,
-      qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan, gelu=m.gelu)
+      qk_norm=m.qk_norm, layerscale=m.layerscale, remat=m.remat, scan=m.scan, gelu=m.gelu,
+      patch_dropout=m.patch_dropout)
   if model.hidden_size % model.num_heads:
     raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
                      f'{model.num_heads}; change config.model.hidden_size or num_heads.')

@@ -24,6 +24,7 @@ from vit_jax.models.attention import reference_attention
 from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
                                    MultiHeadDotProductAttention, drop_path, sincos_2d_posemb)
 from vit_jax.models.resnet import resnet_features, resnet_stride
+from vit_jax.models.token_dropping import drop_patches
 
 __all__ = ['REMAT_POLICIES', 'Encoder', 'Encoder1DBlock', 'VisionTransformer', 'reference_attention',
            'remat_policy', 'sincos_2d_posemb', 'stack_blocks', 'unstack_blocks']
@@ -128,6 +129,7 @@ class Encoder(nn.Module):
   gelu: str = 'tanh'
   dot_general: Optional[Callable] = None
   attention_fn: Optional[Callable] = None
+  patch_dropout: float = 0.0  # Share of patch tokens dropped in training (token_dropping.py).
 
   @nn.compact
   def __call__(self, x: Array, registers: Optional[Array] = None, *, train: bool,
@@ -141,6 +143,8 @@ class Encoder(nn.Module):
       x = x + jnp.asarray(emb, x.dtype)
     elif self.posemb != 'none':
       raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn', 'sincos2d' or 'none'.")
+    if train and self.patch_dropout > 0:  # After the positions are added; registers come after.
+      x = drop_patches(self.make_rng('dropout'), x, self.num_prefix_tokens, self.patch_dropout)
     if registers is not None:
       # Registers (Darcet et al. 2023) go after the class token and carry no
       # position, so the published posemb shape is unchanged.
@@ -224,6 +228,9 @@ class VisionTransformer(nn.Module):
   # sets them for the platform a step is traced for (vit_jax/training/platform.py).
   dot_general: Optional[Callable] = None
   attention_fn: Optional[Callable] = None
+  # Token dropping (vit_jax/models/token_dropping.py): the share of patch tokens each training
+  # image drops, at random; never the class token or registers, none at evaluation.
+  patch_dropout: float = 0.0
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -280,7 +287,8 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=self.dtype, qk_norm=self.qk_norm,
         layerscale=self.layerscale, remat=self.remat, scan=self.scan, gelu=self.gelu,
-        dot_general=self.dot_general, attention_fn=self.attention_fn, name='Transformer')(x, registers, train=train, return_weights=return_attention)
+        dot_general=self.dot_general, attention_fn=self.attention_fn,
+        patch_dropout=self.patch_dropout, name='Transformer')(x, registers, train=train, return_weights=return_attention)
     out['encoded'] = x  # (batch, tokens, dim)
 
     if self.pool == 'token':

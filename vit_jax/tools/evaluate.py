@@ -3,6 +3,7 @@
   vit-jax evaluate --workdir DIR [--out_dir DIR/eval] [--num_confused 16]
   vit-jax evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
   vit-jax evaluate --checkpoint NAME_OR_URL --config configs/X.py --out_dir OUT   (eval-only mode)
+  vit-jax evaluate --workdir DIR --patch_size 8 --out_dir DIR/eval_p8   (at another patch size, FlexiViT)
 
 Eval-only mode evaluates a published checkpoint (`imagenet21k+imagenet2012/ViT-B_16`,
 `augreg:B/16->imagenet2012`, a URL; docs/transfer.md) without a training workdir: the
@@ -30,6 +31,7 @@ from absl import app, flags
 import numpy as np
 
 from vit_jax.errors import UsageError
+from vit_jax.checkpoint.resize import at_patch_size
 from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
 from vit_jax.tools.predict import softmax
 
@@ -178,7 +180,7 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
   predictions = collect_predictions(run)
   report = summarize(predictions, run.class_names, num_confused)
   report.update(step=run.step, ema=run.ema, dataset=run.config.dataset.name,
-                split=run.config.dataset.eval_split)
+                split=run.config.dataset.eval_split, patch_size=run.model.patch_size)
   os.makedirs(out_dir, exist_ok=True)
   matrix = report.pop('confusion_matrix')  # (classes, classes): an array file, not JSON, for 1000 classes.
   np.save(os.path.join(out_dir, 'confusion_matrix.npy'), matrix)
@@ -199,6 +201,8 @@ def define_flags() -> None:
   define_run_flags()
   flags.DEFINE_string('out_dir', None, 'Where to write the report (default: WORKDIR/eval).')
   flags.DEFINE_integer('num_confused', 16, 'How many confused pairs and mistakes to report and show.')
+  flags.DEFINE_integer('patch_size', None, "Evaluate at this patch size: the run's patch embedding PI-resized "
+                       'and position embeddings resized to it (FlexiViT; vit_jax/checkpoint/resize.py).')
 
 
 def main(argv):
@@ -209,7 +213,8 @@ def main(argv):
     out_dir: Optional[str] = f.out_dir or (os.path.join(f.workdir, 'eval') if f.workdir else None)
     if out_dir is None:
       raise UsageError('With --checkpoint, name the output folder with --out_dir.')
-    run = run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step)
+    run = at_patch_size(run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step),
+                        f.patch_size)
     report = evaluate_run(run, out_dir, f.num_confused)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -1,6 +1,6 @@
 """Export a trained run's parameters to the published `.npz` layout, with its config beside them.
 
-  vit-jax export --workdir DIR --out FILE.npz [--step latest|best|STEP]
+  vit-jax export --workdir DIR --out FILE.npz [--step latest|best|STEP] [--patch_size N]
 
 Writes FILE.npz (the parameters of the latest checkpoint, or of the one --step names; keys as in the
 original ViT release: `embedding/kernel`, `Transformer/encoderblock_0/...`,
@@ -23,6 +23,7 @@ import sys
 from absl import app, flags
 
 from vit_jax.errors import UsageError
+from vit_jax.checkpoint.resize import at_patch_size
 from vit_jax.checkpoint.run import Run, config_path_for, load_workdir
 
 
@@ -58,6 +59,8 @@ def define_flags() -> None:
                     "'saved_model' (a TensorFlow SavedModel directory of the model, via jax2tf).")
   flags.DEFINE_enum('serving_input', 'float', ['float', 'uint8'], "With --format saved_model: 'float' "
                     "(images as the model takes them) or 'uint8' (pixels; eval preprocessing included).")
+  flags.DEFINE_integer('patch_size', None, "Export at this patch size: the patch embedding PI-resized and "
+                       'position embeddings resized to it, the config\'s variant renamed (FlexiViT).')
   flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -65,7 +68,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
-    run = load_workdir(flags.FLAGS.workdir, ema=flags.FLAGS.ema, step=flags.FLAGS.step)
+    run = at_patch_size(load_workdir(flags.FLAGS.workdir, ema=flags.FLAGS.ema, step=flags.FLAGS.step),
+                        flags.FLAGS.patch_size)
     if flags.FLAGS.format == 'saved_model':
       from vit_jax.tools import saved_model
       out = saved_model.export_saved_model(run, flags.FLAGS.out, flags.FLAGS.serving_input)

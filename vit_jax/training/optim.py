@@ -8,6 +8,7 @@ import ml_collections
 import optax
 
 from vit_jax.errors import UsageError
+from vit_jax.training import muon
 
 
 def create_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -83,7 +84,7 @@ def frozen_mask(params: Any, pattern: str) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Returns the optax chain: optional global-norm clipping, then AdamW or SGD-momentum.
+  """Returns the optax chain: optional global-norm clipping, then AdamW, SGD-momentum or Muon.
 
   With `config.optimizer.freeze` set, the parameters it matches are frozen:
   their updates are zero and they get no optimizer state (no Adam moments,
@@ -96,8 +97,10 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   elif opt.name == 'sgd':
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=opt.momentum))
+  elif opt.name == 'muon':  # Muon for the encoder's kernels, this AdamW for the rest (muon.py).
+    tx = muon.create_muon(config, schedule, decay_mask)
   else:
-    raise UsageError(f"Unknown config.optimizer.name {opt.name!r}; use 'adamw' or 'sgd'.")
+    raise UsageError(f"Unknown config.optimizer.name {opt.name!r}; use 'adamw', 'sgd' or 'muon'.")
   if opt.freeze:
     labels = lambda params: jax.tree.map(  # noqa: E731
         lambda frozen: 'frozen' if frozen else 'trained', frozen_mask(params, opt.freeze))

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from vit_jax.cpu import scheduler
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
-from vit_jax.training import optim, platform as platform_lib, sharding
+from vit_jax.training import flexi, optim, platform as platform_lib, sharding
 from vit_jax.training.steps import TrainState, create_train_state, eval_step, train_step
 
 
@@ -72,7 +72,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, platform: Optional[str]
   """
   _check_config(config)
   platform = platform or platform_lib.mesh_platform(mesh)
-  model, _ = platform_lib.platform_model(model_from_config(config), config, platform)
+  base_model = model_from_config(config)
+  model, _ = platform_lib.platform_model(base_model, config, platform)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   if config.batch_size % (config.accumulation_steps * mesh.size):
@@ -95,7 +96,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, platform: Optional[str]
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         label_smoothing=config.optimizer.label_smoothing,
                         accumulation_steps=config.accumulation_steps, frozen=frozen,
-                        ema_decay=config.ema.decay, ema_warmup=config.ema.warmup),
+                        ema_decay=config.ema.decay, ema_warmup=config.ema.warmup,
+                        patch_models=flexi.patch_models(base_model, config, platform)),
       in_shardings=(state_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),

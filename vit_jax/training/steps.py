@@ -4,6 +4,7 @@ Imports no TensorFlow and no data pipeline, so a notebook's own loop can use
 them with `jax.jit` alone.
 """
 
+import functools
 from typing import Any
 
 import flax
@@ -13,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.config.sizes import image_hw
+from vit_jax.models.flexi import resize_params as flexi_params
+from vit_jax.training import flexi
 
 
 @flax.struct.dataclass
@@ -66,7 +69,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float, accumulation_steps: int = 1, frozen: Any = None,
-               ema_decay: float = 0.0, ema_warmup: bool = False) -> tuple[TrainState, dict]:
+               ema_decay: float = 0.0, ema_warmup: bool = False,
+               patch_models: tuple = ()) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch. Returns the new state and scalar metrics.
 
   With `accumulation_steps` k > 1 the batch is split into k micro-batches
@@ -79,17 +83,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   compiler drops the backward pass they alone need (for a linear probe, all of
   it but the head's). With `ema_decay` > 0 the state's `ema_params` move
   towards the new params: ema = d * ema + (1 - d) * params.
+
+  `patch_models` (FlexiViT, vit_jax/training/flexi.py): the model at each
+  patch size; each step trains at one of them, drawn from `rng` and the step,
+  on the parameters PI-resized to it, and reports it as `train/patch_size`.
   """
   rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params, micro_batch, micro_rng):
+  def loss_fn(params, micro_batch, micro_rng, model=model):
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    if patch_models:  # FlexiViT: the shared parameters at this branch's patch size.
+      params = flexi_params(params, model.patch_size, micro_batch['image'].shape[1:3])
     logits, _ = model.apply({'params': params}, micro_batch['image'], train=True,
                             rngs={'dropout': micro_rng})
     return cross_entropy(logits, micro_batch['label'], label_smoothing).mean()
 
   grad_fn = jax.value_and_grad(loss_fn)
+  extra_metrics = {}
+  if patch_models:
+    index = flexi.patch_size_index(rng, len(patch_models))
+    grad_fn = flexi.switch(index, [jax.value_and_grad(functools.partial(loss_fn, model=m))
+                                   for m in patch_models])
+    extra_metrics['train/patch_size'] = flexi.patch_size_metric(index, patch_models)
   if accumulation_steps == 1:
     loss, grads = grad_fn(state.params, batch, rng)
   else:
@@ -114,7 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
   return new_state, {'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
-                     'train/lr': schedule(state.step)}
+                     'train/lr': schedule(state.step), **extra_metrics}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
