@@ -2,7 +2,8 @@
 
 The model (vit_jax/models/) is plain JAX: `jax.jvp`, `jax.linearize` and
 forward-over-reverse Hessian-vector products work on ViTs with token, gap and
-MAP pooling, registers, qk-norm, LayerScale, hybrids, `scan` and `remat`, in
+MAP pooling, registers, qk-norm, LayerScale, hybrids, `scan`, `remat`, 2-D RoPE
+and NaFlex batches (padding masked), in
 float32 and bfloat16, and agree with reverse mode (and, in float32, with
 finite differences). The XLA:CPU rules of vit_jax/cpu/kernels.py, which only
 the CPU train step uses (vit_jax/training/platform.py), give autodiff's values
@@ -32,7 +33,17 @@ FAMILIES = {
                                                           layerscale=0.5)),
     'map+scan+remat+layerscale': ('tiny/4', dict(pool='map', scan=True, remat=True, layerscale=0.5)),
     'hybrid+gap+remat_policy': ('Rtiny+tiny/8', dict(pool='gap', remat='dots_saveable')),
+    # NaFlex batches (padded, masked, the table resized per image) with learned 2-D RoPE.
+    'naflex+rope_mixed+learn+gap+registers+scan': ('tiny/4', dict(
+        posemb='learn+rope_mixed', pool='gap', num_registers=1, scan=True, posemb_grid=(4, 4))),
 }
+
+
+def naflex_batch(images: jax.Array) -> dict:
+  """Two 16 px images as a NaFlex batch padded to 20 patches: the first on its 4x4 grid, the
+  second's first 15 patches on a 3x5 one."""
+  patches = images.reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 48)
+  return {'patches': jnp.pad(patches, ((0, 0), (0, 4), (0, 0))), 'grid': jnp.array([[4, 4], [3, 5]])}
 
 
 def model_loss(variant, dtype, options):
@@ -42,13 +53,14 @@ def model_loss(variant, dtype, options):
   images = normal(1, (2, 16, 16, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)['params']
   params['head']['kernel'] = normal(3, params['head']['kernel'].shape)
+  inputs = naflex_batch(images) if options.get('posemb_grid') else images
   labels = jnp.array([1, 3])
   leaves, tree = jax.tree.flatten(params)
   scale = 1 / np.sqrt(sum(x.size for x in leaves))  # A unit-norm direction.
   tangent = jax.tree.unflatten(tree, [normal(i, x.shape) * scale for i, x in enumerate(leaves)])
 
   def loss(p):
-    logits = model.apply({'params': p}, images)[0]
+    logits = model.apply({'params': p}, inputs)[0]
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
   return loss, params, tangent
 

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Images fed to the model: one side (square) or (height, width); any type, so that both
   # --config.input.image_size=384 and --config.input.image_size='(384, 512)' work.
   config.input.image_size = ml_collections.FieldReference(8, field_type=object)
+  config.input.max_tokens = 0  # NaFlex: each image resized, aspect ratio kept, to the most patches within this budget, batches padded to it and masked (docs/model.md); image_size then gives only the learned posemb table's grid. 0: every image at image_size.
   config.input.train_crop = 'random_resized'  # 'random_resized' (Inception crop), 'resize' or 'pad_random' (pad then random crop).
   config.input.crop_min_area = 0.08  # Smallest area fraction of an Inception crop.
   config.input.crop_padding = 1  # Pixels of zero padding for 'pad_random'.
@@ -67,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = ml_collections.FieldReference(None, field_type=int)  # Overrides the variant's MLP width.
   config.model.num_heads = ml_collections.FieldReference(None, field_type=int)  # Overrides the variant's heads.
   config.model.pool = 'token'  # 'token' (class token), 'gap' (mean of patch tokens) or 'map' (attention-pooling head).
-  config.model.posemb = 'learn'  # 'learn', 'sincos2d' or 'none'.
+  config.model.posemb = 'learn'  # 'learn', 'sincos2d', 'none', 2-D RoPE 'rope_axial' or 'rope_mixed' (learned frequencies), or both as 'learn+rope_axial', 'learn+rope_mixed', 'sincos2d+rope_...'.
   config.model.representation_size = ml_collections.FieldReference(None, field_type=int)  # Pre-logits layer width; None for none.
   config.model.dropout_rate = 0.0  # Dropout after attention, in the MLP and on embeddings.
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights.

@@ -32,6 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import augment
+from vit_jax.data import naflex
 from vit_jax.data import preprocess
 from vit_jax.data.builders import image_folder
 from vit_jax.data.builders.sklearn_digits import SklearnDigits
@@ -208,6 +209,8 @@ def mixing(config: ml_collections.ConfigDict) -> bool:
 def _train_preprocess(config: ml_collections.ConfigDict):
   """Returns fn(encoded, label, seed) -> (image, label[, mix params]) for training."""
   cfg = config.input
+  if cfg.max_tokens:  # Native aspect ratio: a NaFlex example in place of the image.
+    return naflex.train_preprocess(config, model_input)
   crops = {
       'random_resized': lambda image, seed: preprocess.random_resized_crop(
           image, seed, cfg.image_size, cfg.crop_min_area),
@@ -244,9 +247,12 @@ def eval_preprocess_fn(config: ml_collections.ConfigDict):
 
   Evaluation's deterministic preprocessing: decode, resize the short side,
   central crop, normalize; vit_jax.tools.predict applies it to image files, so they
-  get exactly what eval batches get.
+  get exactly what eval batches get. With config.input.max_tokens, a NaFlex example
+  {'patches', 'grid'} (vit_jax/data/naflex.py) in place of the image.
   """
   cfg = config.input
+  if cfg.max_tokens:
+    return naflex.eval_preprocess(config, model_input)
 
   def fn(encoded):
     image = preprocess.central_crop(preprocess.decode(encoded), cfg.image_size, cfg.eval_crop_fraction)

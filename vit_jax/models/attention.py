@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import naflex
+
 Array = jax.Array
 DType = Any
 
@@ -27,19 +29,20 @@ DType = Any
 ATTENTION_IMPLEMENTATIONS = ('fused', 'xla', 'reference')
 
 
-def reference_attention(q: Array, k: Array, v: Array):
+def reference_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] = None):
   """Textbook attention, one softmax per head. Returns (output, weights).
 
   q: (batch, queries, heads, head_dim); k, v: (batch, keys, heads, head_dim);
   weights: (batch, heads, queries, keys). The softmax runs in float32 whatever
-  the compute dtype.
+  the compute dtype. `lengths` (batch,): only the first lengths[i] keys of
+  sequence i are attended to (NaFlex padding, vit_jax/models/naflex.py).
   """
   to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
-  out, weights = head_major_attention(to_heads(q), to_heads(k), to_heads(v))
+  out, weights = head_major_attention(to_heads(q), to_heads(k), to_heads(v), lengths)
   return to_heads(out), weights
 
 
-def head_major_attention(q: Array, k: Array, v: Array):
+def head_major_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] = None):
   """`reference_attention` on (batch, heads, tokens, head_dim) operands. Returns (output, weights).
 
   With heads next to batch, both products are batched matmuls over
@@ -49,32 +52,38 @@ def head_major_attention(q: Array, k: Array, v: Array):
   """
   scale = 1.0 / np.sqrt(q.shape[-1])
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * scale
+  if lengths is not None:  # Padding keys get no weight.
+    logits = jnp.where(naflex.key_mask(lengths, k.shape[2]), logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)
   return out, weights
 
 
-def explicit_attention(q: Array, k: Array, v: Array) -> Array:
+def explicit_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] = None) -> Array:
   """Attention output for (batch, tokens, heads, head_dim) operands: the explicit softmax on
-  head-major operands, plain XLA ops (what runs unless the model is given another function)."""
+  head-major operands, plain XLA ops (what runs unless the model is given another function);
+  `lengths` as `reference_attention`'s."""
   to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
-  return to_heads(head_major_attention(to_heads(q), to_heads(k), to_heads(v))[0])
+  return to_heads(head_major_attention(to_heads(q), to_heads(k), to_heads(v), lengths)[0])
 
 
-def cudnn_attention(q: Array, k: Array, v: Array, *, length: Optional[int] = None) -> Array:
+def cudnn_attention(q: Array, k: Array, v: Array, *, length: Optional[int] = None,
+                    lengths: Optional[Array] = None) -> Array:
   """cuDNN flash attention for (batch, tokens, heads, head_dim) self-attention operands.
 
   With `length` above the token count, the sequence is zero-padded to it and
   the padding masked (`query_seq_lengths` / `key_value_seq_lengths`): JAX's
   cuDNN path refuses some lengths in training (odd ones: the 197 tokens of a
   ViT with a class token), and masked padding computes the same function.
+  `lengths` (batch,): real tokens per sequence (NaFlex padding), masked the same way.
   Only traceable where JAX's CUDA plugin is installed.
   """
   tokens = q.shape[1]
-  if length is None or length == tokens:
+  if lengths is None and (length is None or length == tokens):
     return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  length = max(length or tokens, tokens)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, length - tokens), (0, 0), (0, 0)))  # noqa: E731
-  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  lengths = jnp.full((q.shape[0],), tokens, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation='cudnn')
   return out[:, :tokens]

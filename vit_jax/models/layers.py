@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention as attention_ops
+from vit_jax.models import rope as rope_lib
 
 Array = jax.Array
 DType = Any
@@ -121,7 +122,10 @@ class MultiHeadDotProductAttention(nn.Module):
   for, or attention dropout is active in training, the explicit softmax runs
   whatever `attention_fn` is. `dot_general` computes the four projections
   (None: `lax.dot_general`). With `qk_norm`, q and k are layer-normalised per
-  head before the dot product (ViT-22B).
+  head before the dot product (ViT-22B). With `rope` ('rope_axial' or
+  'rope_mixed', vit_jax/models/rope.py) q and k are then rotated by the tokens'
+  `positions`; with `lengths` (batch,) only the first lengths[i] keys count
+  (NaFlex padding), and `attention_fn` is given them as `lengths=`.
   """
 
   num_heads: int
@@ -130,10 +134,12 @@ class MultiHeadDotProductAttention(nn.Module):
   qk_norm: bool = False
   dot_general: Optional[Callable] = None
   attention_fn: Optional[Callable] = None
+  rope: str = ''  # '' (none), 'rope_axial' or 'rope_mixed'.
 
   @nn.compact
   def __call__(self, x: Array, kv: Optional[Array] = None, *, train: bool,
-               return_weights: bool = False):
+               return_weights: bool = False, positions: Optional[Array] = None,
+               lengths: Optional[Array] = None):
     """Self-attention over `x`, or cross-attention from `x` to `kv`. Returns (out, weights)."""
     kv = x if kv is None else kv
     dim = kv.shape[-1]
@@ -147,14 +153,17 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.qk_norm:
       q = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='query_ln')(q)
       k = nn.LayerNorm(use_bias=False, dtype=self.dtype, name='key_ln')(k)
+    if self.rope:
+      q, k = rope_lib.Rotary(self.rope, name='rope')(q, k, positions)
+    masking = {} if lengths is None else {'lengths': lengths}
     use_dropout = train and self.dropout_rate > 0
     weights = None
     if not (return_weights or use_dropout):
-      y = (self.attention_fn or attention_ops.explicit_attention)(q, k, v)
+      y = (self.attention_fn or attention_ops.explicit_attention)(q, k, v, **masking)
     else:
       to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
       q, k, v = to_heads(q), to_heads(k), to_heads(v)
-      y, weights = attention_ops.head_major_attention(q, k, v)
+      y, weights = attention_ops.head_major_attention(q, k, v, lengths)
       if use_dropout:
         keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.dropout_rate, weights.shape)
         dropped = jnp.where(keep, weights / (1 - self.dropout_rate), 0).astype(v.dtype)
@@ -225,14 +234,15 @@ class MAPHead(nn.Module):
   dot_general: Optional[Callable] = None  # Of the projections; None: lax.dot_general.
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, return_weights: bool = False):
+  def __call__(self, x: Array, *, train: bool, return_weights: bool = False,
+               lengths: Optional[Array] = None):
     b, _, d = x.shape
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
     probe = jnp.tile(probe.astype(x.dtype), (b, 1, 1))
     x, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dot_general=self.dot_general,
         name='MultiHeadDotProductAttention_0')(
-            probe, x, train=train, return_weights=return_weights)  # (batch, 1, dim)
+            probe, x, train=train, return_weights=return_weights, lengths=lengths)  # (batch, 1, dim)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, dot_general=self.dot_general,
                      name='MlpBlock_0')(y, train=train)

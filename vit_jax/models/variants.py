@@ -14,6 +14,7 @@ from typing import Any
 
 from vit_jax.config.sizes import image_hw
 from vit_jax.models import flexi
+from vit_jax.models.rope import POSEMBS, split_posemb
 from vit_jax.models.vit import VisionTransformer, remat_policy
 
 # size: (hidden_size, num_layers, mlp_dim, num_heads)
@@ -106,7 +107,7 @@ def model_from_config(config) -> VisionTransformer:
                      f'that are multiples of {cell}.')
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     raise UsageError(f"config.model.dtype={m.dtype!r}; use 'float32', 'bfloat16' or 'float16'.")
-  checks = {'pool': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d', 'none'),
+  checks = {'pool': ('token', 'gap', 'map'), 'posemb': POSEMBS,
             'attention': ('fused', 'xla', 'reference'), 'gelu': ('tanh', 'exact')}
   for key, valid in checks.items():
     if m[key] not in valid:
@@ -134,5 +135,34 @@ def model_from_config(config) -> VisionTransformer:
   if model.hidden_size % model.num_heads:
     raise UsageError(f'hidden_size {model.hidden_size} is not divisible by num_heads '
                      f'{model.num_heads}; change config.model.hidden_size or num_heads.')
-  return model
+  return naflex_options(model, config)
+
+
+def naflex_options(model: VisionTransformer, config):
+  """`model` checked for its RoPE and NaFlex keys (config.model.posemb, config.input.max_tokens), with
+  the learned position table's grid set for NaFlex batches (`VisionTransformer.posemb_grid`)."""
+  from vit_jax.errors import UsageError
+
+  head_dim = model.hidden_size // model.num_heads
+  if split_posemb(model.posemb)[1] and head_dim % 4:
+    raise UsageError(f'config.model.posemb={model.posemb!r} rotates pairs on two axes, so the head size '
+                     f'(hidden_size / num_heads = {head_dim}) must be a multiple of 4; change '
+                     'config.model.hidden_size or num_heads.')
+  max_tokens = config.input.max_tokens
+  if model.patch_dropout and (split_posemb(model.posemb)[1] or max_tokens):
+    raise UsageError(f'config.model.patch_dropout={model.patch_dropout} does not combine with RoPE '
+                     f'(config.model.posemb={model.posemb!r}) or NaFlex (config.input.max_tokens={max_tokens}) '
+                     'yet: the dropped tokens would leave their positions and lengths behind; set one of them off.')
+  if max_tokens and config.model.get('patch_sizes'):
+    raise UsageError(f'config.model.patch_sizes={tuple(config.model.patch_sizes)} (FlexiViT) does not combine '
+                     f'with config.input.max_tokens={max_tokens} (NaFlex) yet; set one of them off.')
+  if not max_tokens:
+    return model
+  if max_tokens < 0:
+    raise UsageError(f'config.input.max_tokens={max_tokens} is negative; use a patch budget such as 256, '
+                     'or 0 for fixed-size images.')
+  if model.resnet_stages is not None:
+    raise UsageError(f'config.input.max_tokens={max_tokens} (NaFlex) needs a plain ViT, not the hybrid '
+                     f'{config.model.variant!r}: its ResNet sees whole images; use 0.')
+  return model.clone(posemb_grid=model.token_grid(*image_hw(config.input.image_size)))
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import naflex, rope
 from vit_jax.models.attention import reference_attention
 from vit_jax.models.layers import (AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
                                    MultiHeadDotProductAttention, drop_path, sincos_2d_posemb)
@@ -83,9 +84,11 @@ class Encoder1DBlock(nn.Module):
   gelu: str = 'tanh'  # 'tanh' (the published models) or 'exact' (timm): see layers.GELUS.
   dot_general: Optional[Callable] = None  # Of the projections; None: lax.dot_general.
   attention_fn: Optional[Callable] = None  # Self-attention; None: attention.explicit_attention.
+  rope: str = ''  # 2-D RoPE of q and k ('rope_axial', 'rope_mixed'; vit_jax/models/rope.py) or ''.
 
   @nn.compact
-  def __call__(self, x: Array, drop_path_rate=0.0, train: bool = False, return_weights: bool = False):
+  def __call__(self, x: Array, drop_path_rate=0.0, train: bool = False, return_weights: bool = False,
+               positions: Optional[Array] = None, lengths: Optional[Array] = None):
     def residual(branch, name):
       if self.layerscale is not None:
         branch = LayerScale(self.layerscale, name=f'layerscale_{name}')(branch)
@@ -97,8 +100,8 @@ class Encoder1DBlock(nn.Module):
     y, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
         qk_norm=self.qk_norm, dot_general=self.dot_general, attention_fn=self.attention_fn,
-        name='MultiHeadDotProductAttention_1')(
-            y, train=train, return_weights=return_weights)
+        rope=self.rope, name='MultiHeadDotProductAttention_1')(
+            y, train=train, return_weights=return_weights, positions=positions, lengths=lengths)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     x = x + residual(y, 'attention')
 
@@ -133,16 +136,25 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, registers: Optional[Array] = None, *, train: bool,
-               return_weights: bool = False):
-    if self.posemb == 'learn':
+               return_weights: bool = False, patch_grids: Optional[Array] = None):
+    """`patch_grids` (batch, 2): a NaFlex batch's (rows, columns) per image (vit_jax/models/naflex.py);
+    None: every image on `grid`."""
+    absolute, rotary = rope.split_posemb(self.posemb)
+    if patch_grids is not None and absolute != 'none':
+      x = naflex.NaFlexPositionEmbs(absolute, self.grid, self.num_prefix_tokens, name='posembed_input')(
+          x, patch_grids)
+    elif absolute == 'learn':
       x = AddPositionEmbs(name='posembed_input')(x)
-    elif self.posemb == 'sincos2d':
+    elif absolute == 'sincos2d':
       # Fixed embedding on the patch grid; prefix tokens (class token) get none.
       emb = sincos_2d_posemb(*self.grid, x.shape[-1])
       emb = np.pad(emb, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
       x = x + jnp.asarray(emb, x.dtype)
-    elif self.posemb != 'none':
-      raise ValueError(f"Unknown posemb {self.posemb!r}; use 'learn', 'sincos2d' or 'none'.")
+    if self.patch_dropout > 0 and (rotary or patch_grids is not None):
+      # Dropped tokens would leave RoPE's positions and NaFlex's lengths behind.
+      raise ValueError(f'model.patch_dropout={self.patch_dropout} does not combine with RoPE '
+                       f'(posemb {self.posemb!r}) or NaFlex inputs (input.max_tokens) yet; '
+                       'set model.patch_dropout=0 or use a learned/sincos2d posemb on square inputs.')
     if train and self.patch_dropout > 0:  # After the positions are added; registers come after.
       x = drop_patches(self.make_rng('dropout'), x, self.num_prefix_tokens, self.patch_dropout)
     if registers is not None:
@@ -151,6 +163,13 @@ class Encoder(nn.Module):
       n = self.num_prefix_tokens
       x = jnp.concatenate([x[:, :n], registers.astype(x.dtype), x[:, n:]], axis=1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    num_prefix = self.num_prefix_tokens + (0 if registers is None else registers.shape[1])
+    positions = lengths = None
+    if patch_grids is not None:
+      lengths = num_prefix + naflex.patch_counts(patch_grids)
+    if rotary:
+      positions = (rope.static_positions(self.grid, num_prefix) if patch_grids is None else
+                   rope.token_positions(naflex.patch_positions(patch_grids, x.shape[1] - num_prefix), num_prefix))
 
     block = Encoder1DBlock
     rematerialise, policy = remat_policy(self.remat)
@@ -161,20 +180,22 @@ class Encoder(nn.Module):
                    attention_dropout_rate=self.attention_dropout_rate,
                    use_drop_path=self.stochastic_depth > 0, dtype=self.dtype,
                    qk_norm=self.qk_norm, layerscale=self.layerscale, gelu=self.gelu,
-                   dot_general=self.dot_general, attention_fn=self.attention_fn)
+                   dot_general=self.dot_general, attention_fn=self.attention_fn, rope=rotary)
     # Stochastic depth grows linearly with depth, from 0 to `stochastic_depth`.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
     if self.scan:
       scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_layers)
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=self.num_layers)
       x, out = scanned(name='encoderblock', **options)(
-          x, jnp.asarray(rates, jnp.float32), train, return_weights)
+          x, jnp.asarray(rates, jnp.float32), train, return_weights, positions, lengths)
       blocks = [out['block'][i] for i in range(self.num_layers)]
       attention = [out['attention'][i] for i in range(self.num_layers)] if return_weights else None
     else:
       blocks, attention = [], []
       for i in range(self.num_layers):
-        x, out = block(name=f'encoderblock_{i}', **options)(x, rates[i], train, return_weights)
+        x, out = block(name=f'encoderblock_{i}', **options)(x, rates[i], train, return_weights,
+                                                             positions, lengths)
         blocks.append(out['block'])
         attention.append(out['attention'])
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
@@ -231,6 +252,9 @@ class VisionTransformer(nn.Module):
   # Token dropping (vit_jax/models/token_dropping.py): the share of patch tokens each training
   # image drops, at random; never the class token or registers, none at evaluation.
   patch_dropout: float = 0.0
+  # NaFlex batches (vit_jax/models/naflex.py): the (rows, columns) grid of the learned position
+  # table, resized to each image's grid; None: the grid of the images the model was built with.
+  posemb_grid: Optional[tuple[int, int]] = None
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -256,20 +280,32 @@ class VisionTransformer(nn.Module):
     return height // p, width // p
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False, return_attention: bool = False):
-    _, height, width, _ = images.shape
-    self.token_grid(height, width)  # Checks the size.
+  def __call__(self, images: Union[Array, dict], *, train: bool = False, return_attention: bool = False):
     p = self.patch_size
     if self.pool not in POOLS:
       raise ValueError(f"Unknown pool {self.pool!r}; use one of {', '.join(POOLS)}.")
-    x = images.astype(self.dtype)
-    if self.resnet_stages is not None:
-      # Hybrid: the patches are cells of the ResNet's feature map.
-      x = resnet_features(x, self.resnet_stages, self.resnet_width, self.dtype)
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                dtype=self.dtype, name='embedding')(x)
-    b, gh, gw, d = x.shape
-    x = x.reshape(b, gh * gw, d)  # (batch, patches, dim)
+    patch_grids = counts = None
+    if naflex.is_naflex(images):  # Patches of images at their own aspect ratio, padded.
+      if self.resnet_stages is not None:
+        raise ValueError('NaFlex batches need a plain ViT: a hybrid\'s ResNet sees whole images.')
+      if self.posemb_grid is None and rope.split_posemb(self.posemb)[0] == 'learn':
+        raise ValueError('A NaFlex batch with learned position embeddings needs posemb_grid, the '
+                         "grid of the model's table, e.g. (14, 14) for 224 px and patch 16.")
+      patch_grids = images['grid']
+      counts = naflex.patch_counts(patch_grids)
+      x = naflex.embed_patches(images['patches'], p, self.hidden_size, self.dtype)
+      (b, _, d), (gh, gw) = x.shape, self.posemb_grid or (1, 1)
+    else:
+      _, height, width, _ = images.shape
+      self.token_grid(height, width)  # Checks the size.
+      x = images.astype(self.dtype)
+      if self.resnet_stages is not None:
+        # Hybrid: the patches are cells of the ResNet's feature map.
+        x = resnet_features(x, self.resnet_stages, self.resnet_width, self.dtype)
+      x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
+                  dtype=self.dtype, name='embedding')(x)
+      b, gh, gw, d = x.shape
+      x = x.reshape(b, gh * gw, d)  # (batch, patches, dim)
 
     num_cls = int(self.pool == 'token')
     if num_cls:
@@ -287,18 +323,21 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=self.dtype, qk_norm=self.qk_norm,
         layerscale=self.layerscale, remat=self.remat, scan=self.scan, gelu=self.gelu,
-        dot_general=self.dot_general, attention_fn=self.attention_fn,
-        patch_dropout=self.patch_dropout, name='Transformer')(x, registers, train=train, return_weights=return_attention)
+        dot_general=self.dot_general, attention_fn=self.attention_fn, patch_dropout=self.patch_dropout,
+        name='Transformer')(x, registers, train=train, return_weights=return_attention, patch_grids=patch_grids)
     out['encoded'] = x  # (batch, tokens, dim)
 
     if self.pool == 'token':
       x = x[:, 0]
+    elif self.pool == 'gap' and counts is not None:
+      x = naflex.masked_mean(x[:, self.num_prefix_tokens:], counts)  # The real patches only.
     elif self.pool == 'gap':
       x = x[:, self.num_prefix_tokens:].mean(axis=1)  # Patches only: registers are not pooled.
     else:
+      lengths = None if counts is None else counts + self.num_prefix_tokens
       x, weights = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                            gelu=self.gelu, dot_general=self.dot_general, name='MAPHead_0')(
-                               x, train=train, return_weights=return_attention)
+                               x, train=train, return_weights=return_attention, lengths=lengths)
       if return_attention:
         out['map_attention'] = weights
 

@@ -4,6 +4,7 @@
   vit-jax evaluate --checkpoint FILE.npz [--config FILE.json] --out_dir OUT
   vit-jax evaluate --checkpoint NAME_OR_URL --config configs/X.py --out_dir OUT   (eval-only mode)
   vit-jax evaluate --workdir DIR --patch_size 8 --out_dir DIR/eval_p8   (at another patch size, FlexiViT)
+  vit-jax evaluate --workdir DIR --max_tokens 64   (native aspect ratio within a patch budget)
 
 Eval-only mode evaluates a published checkpoint (`imagenet21k+imagenet2012/ViT-B_16`,
 `augreg:B/16->imagenet2012`, a URL; docs/transfer.md) without a training workdir: the
@@ -49,6 +50,7 @@ def collect_predictions(run: Run) -> dict[str, np.ndarray]:
   """
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from vit_jax.data import naflex as naflex_data
   from vit_jax.data import pipeline
 
   config = run.config
@@ -76,11 +78,27 @@ def collect_predictions(run: Run) -> dict[str, np.ndarray]:
     labels.append(batch['label'][real])
     indices.append(batch_indices[real])
     wrong = probs.argmax(-1) != batch['label'][real]
-    mistakes.append(batch['image'][real][wrong])  # Kept only for the mistakes: memory stays small.
+    shown = batch['image']
+    if isinstance(shown, dict):  # NaFlex: the patches as a picture, for most_confused.png.
+      shown = naflex_data.to_images(shown, run.model.patch_size, 4 * run.model.patch_size)
+    mistakes.append(shown[real][wrong])  # Kept only for the mistakes: memory stays small.
     mistake_indices.append(batch_indices[real][wrong])
   return {'probabilities': np.concatenate(probabilities), 'labels': np.concatenate(labels),
           'indices': np.concatenate(indices), 'mistakes': np.concatenate(mistakes),
           'mistake_indices': np.concatenate(mistake_indices)}
+
+
+def at_max_tokens(run: Run, max_tokens: int) -> Run:
+  """`run` fed NaFlex batches of at most `max_tokens` patches (config.input.max_tokens: each image
+  at its own aspect ratio; learned position embeddings resized per image, RoPE and sin-cos at the
+  patches' coordinates)."""
+  import dataclasses
+  from vit_jax.models.variants import naflex_options
+
+  config = run.config.copy_and_resolve_references()
+  config.input.max_tokens = max_tokens
+  config.lock()
+  return dataclasses.replace(run, config=config, model=naflex_options(run.model, config))
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -203,6 +221,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_confused', 16, 'How many confused pairs and mistakes to report and show.')
   flags.DEFINE_integer('patch_size', None, "Evaluate at this patch size: the run's patch embedding PI-resized "
                        'and position embeddings resized to it (FlexiViT; vit_jax/checkpoint/resize.py).')
+  flags.DEFINE_integer('max_tokens', None, "Evaluate each image at its own aspect ratio within this patch "
+                       "budget (NaFlex, config.input.max_tokens); default: the run's own input.")
 
 
 def main(argv):
@@ -215,6 +235,8 @@ def main(argv):
       raise UsageError('With --checkpoint, name the output folder with --out_dir.')
     run = at_patch_size(run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step),
                         f.patch_size)
+    if f.max_tokens is not None:
+      run = at_max_tokens(run, f.max_tokens)
     report = evaluate_run(run, out_dir, f.num_confused)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)

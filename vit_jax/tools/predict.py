@@ -60,7 +60,7 @@ def _decode(config: ml_collections.ConfigDict, files: Sequence[str], skip: bool
     with open(path, 'rb') as f:
       encoded = f.read()
     try:
-      images.append(preprocess(tf.constant(encoded)).numpy())
+      images.append(jax.tree.map(lambda t: t.numpy(), preprocess(tf.constant(encoded))))  # NaFlex: a dict.
     except tf.errors.InvalidArgumentError:
       if not skip:
         raise UsageError(f'Cannot decode {path!r} as an image; pass PNG, JPEG, GIF or BMP files.') from None
@@ -104,13 +104,17 @@ def predict_batches(run: Run, files: Sequence[str], batch_size: int = 32, return
     chunk, decoded = _decode(run.config, files[start:start + size], skip=skip_undecodable)
     if not chunk:
       continue
-    images = np.stack(decoded)
-    padded = np.concatenate([images, np.zeros((size - len(chunk),) + images.shape[1:], images.dtype)])
+    images = jax.tree.map(lambda *x: np.stack(x), *decoded)
+    # Padded with copies of the first image (a real NaFlex grid), dropped from the results.
+    padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], size - len(chunk), axis=0)]), images)
     logits, attention = jax.device_get(_forward(run.params, padded, model=run.model,
                                                 return_attention=return_attention))
     n = len(chunk)
     if attention is not None:
       attention = jax.tree.map(lambda a: np.asarray(a[:n]), attention)
+    if isinstance(images, dict):  # NaFlex: each image's patches back as a picture.
+      from vit_jax.data import naflex as naflex_data
+      images = naflex_data.to_images(images, run.model.patch_size, 4 * run.model.patch_size)
     yield chunk, images, np.asarray(logits[:n]), attention
 
 
@@ -147,6 +151,9 @@ def predict_main(paths: Sequence[str], *, workdir: Optional[str] = None, checkpo
     raise UsageError(f'--top_k={top_k_classes} and --batch_size={batch_size} must be positive integers.')
   files = find_images(paths)
   run = run_from_flags(workdir, checkpoint, config, ema=ema, step=step)
+  if attention_dir and run.config.input.max_tokens:
+    raise UsageError(f'--attention_maps: not yet for a NaFlex run (config.input.max_tokens='
+                     f'{run.config.input.max_tokens}); drop --attention_maps.')
   k = min(top_k_classes, len(run.class_names))
   used_names: set[str] = set()
   predicted = 0

@@ -43,7 +43,10 @@ def mesh_platform(mesh: Mesh) -> str:
 
 
 def self_attention_tokens(model: VisionTransformer, config: ml_collections.ConfigDict) -> int:
-  """Tokens of the encoder's self-attention at `config.input.image_size`: patches, class token, registers."""
+  """Tokens of the encoder's self-attention at `config.input.image_size` (or the NaFlex budget
+  `config.input.max_tokens`): patches, class token, registers."""
+  if config.input.max_tokens:
+    return config.input.max_tokens + model.num_prefix_tokens
   rows, columns = model.token_grid(*image_hw(config.input.image_size))
   return rows * columns + model.num_prefix_tokens
 
@@ -102,6 +105,8 @@ def attention_choice(model: VisionTransformer, config: ml_collections.ConfigDict
   if implementation == 'reference':
     return None, 'explicit softmax(q k^T / sqrt(d)) v, autodiff backward (attention=reference)'
   if platform == 'cpu':
+    if config.input.max_tokens:  # The rule takes no padding mask.
+      return None, f'{EXPLICIT}, padding masked (NaFlex), autodiff backward'
     if 'attention_backward' in cpu_rules:
       return kernels.attention, f'{EXPLICIT}, with the XLA:CPU backward of vit_jax/cpu/kernels.py'
     return None, f'{EXPLICIT}, autodiff backward'
@@ -114,6 +119,7 @@ def attention_choice(model: VisionTransformer, config: ml_collections.ConfigDict
     if length is None:
       return None, f'{EXPLICIT}, autodiff backward (not cuDNN: {why})'
     padded = f', {tokens} tokens padded to {length} and masked' if length != tokens else ''
+    padded += ', NaFlex padding masked by sequence lengths' if config.input.max_tokens else ''
     return _cudnn_at(length), f"cuDNN flash attention (jax.nn.dot_product_attention, implementation='cudnn'){padded}"
   return None, f'{EXPLICIT}, autodiff backward'
 
