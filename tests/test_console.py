@@ -57,7 +57,19 @@ def test_library_warnings_and_tracebacks_stay_off_the_console(tmp_path, data_dir
   assert f'Initialised from {old} (head reset' in new.stdout
   assert not NOT_OURS.search(new.stdout + new.stderr), new.stderr[-3000:]
 
-  # --verbose shows them again.
-  verbose = run_command(*train_args(tmp_path / 'verbose', data_dir, '--config.total_steps=2',
-                                    f'--config.init.path={old}', '--config.eval_every_steps=2', '--verbose'))
-  assert verbose.returncode == 0 and NOT_OURS.search(verbose.stderr), verbose.stderr[-3000:]
+
+
+def test_verbose_shows_the_libraries_lines_and_the_log_file_has_each_once(capfd, monkeypatch, tmp_path):
+  from absl import logging as absl_logging
+  from vit_jax import console
+  monkeypatch.setenv('VIT_JAX_LOG_DIR', str(tmp_path))
+  try:
+    console.keep_to_our_lines('vit-jax probe')
+    absl_logging.warning('a library warning')  # Logged from this file: not vit_jax's.
+    assert 'a library warning' not in capfd.readouterr().err
+    assert open(tmp_path / 'vit-jax-probe.log').read().count('a library warning') == 1
+    console.keep_to_our_lines('vit-jax probe', verbose=True)  # --verbose
+    absl_logging.warning('another library warning')
+    assert 'another library warning' in capfd.readouterr().err
+  finally:
+    console.keep_to_our_lines('vit-jax probe')

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import traceback
 
 import pytest
@@ -38,6 +39,8 @@ LARGEST_IMAGE = 32  # Larger image sizes are shrunk to this (a multiple of every
 MEASURING = {'selfcheck': 'tests/test_selfcheck.py', 'benchmark': 'tests/test_benchmark.py',
              'benchmark-timm': 'tests/test_benchmark.py', 'input-benchmark': 'tests/test_benchmark.py',
              'memory': 'tests/test_memory.py'}
+# `vit-jax summary` of a variant this wide (L, H, g, G) traces hundreds of millions of parameters.
+LARGE_WIDTH = 1024
 CLUSTER = ('srun', 'sbatch', 'scancel', 'squeue', 'gcloud')
 # Placeholder paths of the docs that stand for the user's own images: the test makes such a folder.
 IMAGE_FOLDERS = ('/path/to/images', '/data/my_images')
@@ -69,15 +72,17 @@ class Session:
 
   def __init__(self, root, data_dir, run_command):
     self.root, self.data_dir, self.run_command = str(root), data_dir, run_command
-    self.ran, self.checked = [], []
+    self.ran, self.checked, self.seen = [], [], {}
 
   # Paths -------------------------------------------------------------------------------------------
   def relocate(self, arg: str) -> str:
     """An argument with /tmp/ and the docs' image-folder placeholders moved into the test directory."""
+    arg = re.sub(r'(^|[=:])/tmp/', lambda m: m.group(1) + os.path.join(self.root, 'tmp') + '/', arg)
     for placeholder in IMAGE_FOLDERS:
       if placeholder in arg:
         arg = arg.replace(placeholder, self.image_folder())
-    return arg.replace('/tmp/', os.path.join(self.root, 'tmp') + '/')
+    # Shell variables: $HOME is the test directory; others (a process index, a zone) a stand-in.
+    return re.sub(r'\$\{?(\w+)\}?', lambda m: self.root if m.group(1) == 'HOME' else '0', arg)
 
   def image_folder(self) -> str:
     """A folder of class sub-folders (3 digits, 40 PNGs each: 25-shot few-shot fits), as the README
@@ -122,6 +127,9 @@ class Session:
 
   def vit_jax(self, command: Command, args: list[str]) -> None:
     from vit_jax import cli
+    earlier = self.seen.setdefault(tuple(args), command)
+    if earlier is not command:  # The README and a page show the same command: once is enough.
+      return self.checked.append((command, f'the same command ran at {earlier.where()}'))
     if not args or args[0] not in cli.COMMANDS:
       return self.execute(command, args)  # `vit-jax --help`, or an unknown command's error.
     name = args[0]
@@ -151,6 +159,11 @@ class Session:
     """Why the command cannot run here ('' if it can): a GPU, a cluster, a download, minutes."""
     if name in MEASURING:
       return f'measures full-size models; {MEASURING[name]} runs it small'
+    if name == 'summary':
+      from vit_jax.models import SIZES
+      size = parsed['variant'].split('+')[-1].split('/')[0]
+      if size in SIZES and SIZES[size][0] >= LARGE_WIDTH:
+        return f'traces a {size} model for tens of seconds; tests/test_models.py pins its parameters'
     expect = parsed.get('expect')
     if expect and expect != 'cpu':
       return f'needs a {expect.upper()}'
@@ -200,7 +213,8 @@ class Session:
     output = (result.stdout + result.stderr).strip()
     if command.expect_error:
       words = ' '.join(command.expect_error.split()[:4])
-      if result.returncode != 2 or f'error: {words}' not in ' '.join(result.stderr.split()):
+      said = ' '.join(result.stderr.replace(self.root + os.sep, '').split())  # Paths as the doc writes them.
+      if result.returncode != 2 or f'error: {words}' not in said:
         raise DocFailure(f'expected exit code 2 and `error: {words} ...` as the doc shows; got exit code '
                          f'{result.returncode}:\n{output[-3000:]}')
     elif result.returncode != 0:
@@ -291,16 +305,20 @@ def test_every_doc_command_works_as_written(doc_dir, data_dir, run_command, monk
   # Python examples with a default config prepare the digits in tfds' default folder: this session's.
   monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', data_dir)
   session = Session(doc_dir, data_dir, run_command)
-  failures = []
+  failures, seconds = [], []
   for command in doc_commands.all_commands():
+    start = time.perf_counter()
     try:
       session.run(command)
     except DocFailure as e:
       text = command.text if command.kind == 'shell' else command.text.split('\n')[0] + ' ...'
       failures.append(f'{command.where()}: {text}\n  {str(e).strip()}')
+    seconds.append((time.perf_counter() - start, command))
   print(f'{len(session.ran)} doc commands run, {len(session.checked)} checked for flags only:')
   for command, why in session.checked:
-    print(f'  {command.where()}: {command.text[:80]}  [{why}]')
+    print(f'  {command.where()}: {command.text.splitlines()[0][:80]}  [{why}]')
+  print('slowest:\n' + '\n'.join(f'  {s:5.1f} s  {c.where()}: {c.text.splitlines()[0][:80]}'
+                                  for s, c in sorted(seconds, key=lambda x: -x[0])[:15]))
   assert not failures, f'{len(failures)} doc command(s) fail:\n\n' + '\n\n'.join(failures)
 
 

@@ -40,6 +40,9 @@ class _OursOnly(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.pathname.startswith(_PACKAGE):
       return True
+    if getattr(record, 'vit_jax_logged', False):  # Seen by another handler of the same logger chain.
+      return False
+    record.vit_jax_logged = True
     try:
       if self.handler is None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -63,6 +66,8 @@ def keep_to_our_lines(command: str, verbose: bool = False) -> None:
 
   for handler, old in _installed:
     handler.removeFilter(old)
+    if old.handler is not None:
+      old.handler.close()
   _installed.clear()
   logging.captureWarnings(not verbose)  # warnings.warn -> the 'py.warnings' logger -> the filter.
   if verbose:

@@ -159,8 +159,8 @@ def prepare_dataset(name: str, data_dir: str | None = None, manual_dir: str = ''
   try:
     builder.download_and_prepare(download_config=config)
   except Exception as e:  # tfds raises assorted types; the user needs the message, on one line.
-    raise UsageError(f'Preparing {name!r} in {builder.data_dir} failed: {type(e).__name__}: '
-                     f'{" ".join(str(e).split())[:400]}') from e
+    raise UsageError(f'Preparing {name!r} in {builder.data_dir} failed: '
+                     f'{" ".join(str(e).split())[:400] or type(e).__name__}') from e
   print(f'Prepared {name!r}: {", ".join(f"{k} {v.num_examples:,}" for k, v in builder.info.splits.items())} '
         f'examples in {builder.data_dir}.', flush=True)
   return builder
