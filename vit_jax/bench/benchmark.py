@@ -201,8 +201,11 @@ def xla_flags_error(xla_flags: str) -> Optional[str]:
   """Why XLA refuses `xla_flags` (None if it takes them). XLA reads them when JAX starts a backend and
   aborts the process on a flag it does not know, so they are tried in a child process first (~2 s)."""
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
-  probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env, capture_output=True,
-                         text=True, timeout=300)
+  try:
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env, capture_output=True,
+                           text=True, timeout=600)
+  except subprocess.TimeoutExpired:
+    return f'--xla_flags={xla_flags!r}: JAX did not start with them within 600 s; check them.'
   if probe.returncode == 0:
     return None
   unknown = re.search(r'Unknown flags? in XLA_FLAGS: (.*)', probe.stderr)
