@@ -13,7 +13,8 @@ import re
 from tests.conftest import REPO
 
 # Lines that are not ours: absl-formatted log lines, Python tracebacks and asyncio's task errors.
-NOT_OURS = re.compile(r'^([IWEF]\d{4} |Traceback |Task exception was never retrieved|.*tracked_metric)', re.M)
+NOT_OURS = re.compile(r'^(?![EW]\d{4} [\d:.]+ +\d+ slow_operation_alarm)'
+                      r'([IWEF]\d{4} |Traceback |Task exception was never retrieved|.*tracked_metric)', re.M)
 
 
 def train_args(workdir, data_dir, *overrides):

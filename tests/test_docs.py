@@ -44,8 +44,10 @@ LARGE_WIDTH = 1024
 CLUSTER = ('srun', 'sbatch', 'scancel', 'squeue', 'gcloud')
 # Placeholder paths of the docs that stand for the user's own images: the test makes such a folder.
 IMAGE_FOLDERS = ('/path/to/images', '/data/my_images')
-# Console lines that are not ours: absl-formatted log lines and Python tracebacks.
-NOT_OURS = re.compile(r'^([IWEF]\d{4} |Traceback |Task exception was never retrieved)', re.M)
+# Console lines that are not ours: absl-formatted log lines and Python tracebacks (XLA's alarm of a
+# compilation slowed by a loaded machine excepted: it says nothing of the command).
+NOT_OURS = re.compile(r'^(?![EW]\d{4} [\d:.]+ +\d+ slow_operation_alarm)'
+                      r'([IWEF]\d{4} |Traceback |Task exception was never retrieved)', re.M)
 
 
 class DocFailure(Exception):
