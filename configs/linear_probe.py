@@ -1,6 +1,6 @@
 """A linear probe: only the classifier head is trained, every other parameter frozen.
 
-  vit-jax train --config configs/linear_probe.py --workdir /tmp/vit_probe --config.init.path=/tmp/vit_quickstart
+  vit-jax train --config configs/linear_probe.py --workdir workdirs/probe --config.init.path=workdirs/quickstart
 
 Starts from a trained run (here the quickstart's workdir, configs/quickstart.py;
 any published-layout .npz works too, with its --config.model.variant) and
@@ -23,7 +23,7 @@ def get_config():
   config.eval_every_steps = 100
   config.checkpoint_every_steps = 100
 
-  config.init.path = '/tmp/vit_quickstart'  # The run (or .npz) whose features are probed.
+  config.init.path = 'workdirs/quickstart'  # The README's quickstart run (or .npz) whose features are probed.
   config.init.reset_head = True  # A zero head for config.dataset.num_classes.
 
   config.input.train_crop = 'resize'

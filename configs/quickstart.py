@@ -1,6 +1,6 @@
 """A small ViT on the bundled scikit-learn digits, on CPU, in about 3 minutes.
 
-  python -m vit_jax.main --config configs/quickstart.py --workdir /tmp/vit_quickstart
+  vit-jax train --config configs/quickstart.py --workdir workdirs/quickstart
 
 The 8x8 digits (1,437 training images) are upsampled to 16x16 with
 Inception-style random crops of at least half the image, and cut into 4x4

@@ -37,6 +37,8 @@ RUN_DIR = os.environ.setdefault('VIT_JAX_TESTS_RUN_DIR', os.path.join(tempfile.g
 COMPILATION_CACHE = os.path.join(RUN_DIR, 'jax_cache')
 os.environ['VIT_JAX_COMPILATION_CACHE'] = '1'
 os.environ['VIT_JAX_COMPILATION_CACHE_DIR'] = COMPILATION_CACHE
+# The libraries' log lines of the commands the tests run (vit_jax/console.py), out of the user's cache.
+os.environ['VIT_JAX_LOG_DIR'] = os.path.join(RUN_DIR, 'logs')
 
 import pytest  # noqa: E402
 

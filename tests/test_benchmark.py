@@ -103,6 +103,10 @@ def test_benchmark_text_output_and_bad_flags(capsys):
   assert '--steps=0 must be positive' in capsys.readouterr().err
   assert benchmark.main(['--variant', 'Q/16', '--image_size', '32']) == 2
   assert 'Unknown model variant' in capsys.readouterr().err
+  # A flag XLA does not know would abort the process (`F... Unknown flag`) once JAX starts: one line.
+  assert benchmark.main(['--xla_flags=--xla_no_such_flag=1']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --xla_flags=") and 'xla_no_such_flag' in err[0]
 
 
 def test_side_by_side_rows_and_table():

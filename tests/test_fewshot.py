@@ -115,6 +115,11 @@ def test_command_prints_one_line_per_shot_count(fewshot_workdir, data_dir, run_c
 
   bad = run_command('fewshot', f'--workdir={fewshot_workdir}', '--dataset=sklearn_digits', '--shots=0')
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith('error: vit-jax fewshot')
+  # A dataset that is not prepared: the fix names the command's own flag, and no tfds warning shows.
+  missing = run_command('fewshot', f'--workdir={fewshot_workdir}', '--dataset=cifar10',
+                        f'--data_dir={fewshot_workdir}/no_such_dir')
+  assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+  assert missing.stderr.rstrip().endswith('or point --data_dir at a prepared copy.')
 
 
 def test_evaluator_config_errors(tiny_config):

@@ -103,7 +103,7 @@ def test_bad_folders_are_clear_errors(tmp_path, tiny_config):
   (tmp_path / 'empty' / 'a').mkdir(parents=True)
   (tmp_path / 'empty' / 'b').mkdir(parents=True)
   (tmp_path / 'empty' / 'b' / 'readme.txt').write_text('no images here')
-  cases = [(str(tmp_path / 'missing'), 'does not exist'),
+  cases = [(str(tmp_path / 'missing'), r'does not exist; .* --config configs/image_folder.py:PATH'),
            (str(tmp_path / 'one'), r"has 1 class sub-folder\(s\) \(only_class\); a classifier needs at least 2"),
            (str(tmp_path / 'empty'), 'holds no images'),
            ('', 'config.dataset.folder is empty')]

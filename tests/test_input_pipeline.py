@@ -1,12 +1,17 @@
 """The bundled digits builder and the input pipeline's order, slicing and eval coverage."""
 
+import os
+
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from vit_jax.data import pipeline, preprocess
 from vit_jax.data.builders import sklearn_digits
 from vit_jax.errors import UsageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_digits_builder_splits_and_content(tiny_config):
@@ -128,7 +133,8 @@ def test_map_functions_traced_without_autograph_give_the_same_batches(tiny_confi
 def test_missing_dataset_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.dataset.name = 'cifar10'
   tiny_config.dataset.data_dir = str(tmp_path)
-  with pytest.raises(UsageError, match=f"'cifar10' is not prepared in {tmp_path}.*tfds build cifar10"):
+  with pytest.raises(UsageError, match=f"'cifar10' is not prepared in {tmp_path}.*`vit-jax prepare cifar10 "
+                                       f"--data_dir={tmp_path}`"):
     pipeline.open_split(tiny_config.dataset, 'train')
   tiny_config.dataset.name = 'no_such_dataset_xyz'
   with pytest.raises(UsageError, match='Unknown dataset'):
@@ -173,7 +179,8 @@ class ManualToyDigits(sklearn_digits.SklearnDigits):
 def test_manual_dir_prepares_a_manual_dataset(tiny_config, tmp_path):
   tiny_config.dataset.name = 'manual_toy_digits'
   tiny_config.dataset.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(UsageError, match='from its manually downloaded files.*config.dataset.manual_dir'):
+  with pytest.raises(UsageError, match='from its manually downloaded files.*vit-jax prepare manual_toy_digits '
+                                      '.*--manual_dir=.*config.dataset.manual_dir'):
     pipeline.open_split(tiny_config.dataset, 'test')
   tiny_config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
   with pytest.raises(UsageError, match='is not a directory'):
@@ -201,3 +208,66 @@ def test_mean_std_normalization_and_bad_keys(tiny_config):
   tiny_config.input.randaugment.magnitude = 12
   with pytest.raises(UsageError, match='magnitude in 0..10'):
     pipeline.train_iterator(tiny_config, split, 0)
+
+
+class HandMadeStripes(tfds.core.GeneratorBasedBuilder):
+  """Two classes of 8x8 PNGs (horizontal / vertical stripes) that the test writes into manual_dir."""
+  VERSION = tfds.core.Version('1.0.0')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'Put the PNG files horizontal_*.png and vertical_*.png in manual_dir.'
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 1)),
+        'label': tfds.features.ClassLabel(names=['horizontal', 'vertical'])}))
+
+  def _split_generators(self, dl_manager):
+    files = sorted(dl_manager.manual_dir.glob('*.png'))
+    return {'train': self._generate_examples(files[2:]), 'test': self._generate_examples(files[:2])}
+
+  def _generate_examples(self, files):
+    for path in files:
+      yield path.name, {'image': str(path), 'label': path.name.split('_')[0]}
+
+
+def test_prepare_command_builds_a_dataset_that_training_reads(run_command, tmp_path):
+  """`vit-jax prepare` runs a tfds builder (here one whose files the test makes, so nothing is
+  downloaded) into --data_dir as array_record; the not-prepared error names that command and shows no
+  tfds warnings about the folders it searched."""
+  from PIL import Image
+  manual, data_dir = tmp_path / 'manual', tmp_path / 'no_such' / 'tfds'
+  manual.mkdir()
+  for i in range(6):
+    stripes = np.zeros((8, 8), np.uint8)
+    stripes[::2] = 255
+    Image.fromarray(stripes if i % 2 else stripes.T).save(manual / f'{"horizontal" if i % 2 else "vertical"}_{i}.png')
+
+  config = ['train', '--config', os.path.join(REPO, 'configs', 'quickstart.py'), '--workdir', str(tmp_path / 'run'),
+            '--config.dataset.name=hand_made_stripes', f'--config.dataset.data_dir={data_dir}',
+            '--config.dataset.num_classes=2']
+  missing = run_command(*config)
+  assert missing.returncode == 2, missing.stderr
+  assert missing.stderr.strip().splitlines() == [
+      f"error: Dataset 'hand_made_stripes' is not prepared in {data_dir}. Prepare it there once from its "
+      f'manually downloaded files: `vit-jax prepare hand_made_stripes --data_dir={data_dir} '
+      '--manual_dir=FOLDER_OF_THE_FILES`, or set config.dataset.manual_dir to prepare it at start; or point '
+      'config.dataset.data_dir at a prepared copy.']
+  assert not os.path.exists(tmp_path / 'run')
+
+  prepared = run_command('prepare', 'hand_made_stripes', '--data_dir', str(data_dir), '--manual_dir', str(manual))
+  assert prepared.returncode == 0 and not prepared.stderr, prepared.stderr
+  assert 'Prepared \'hand_made_stripes\': train 4, test 2 examples' in prepared.stdout
+  dataset = tiny_dataset('hand_made_stripes', str(data_dir))
+  split = pipeline.open_split(dataset, 'train')
+  assert len(split) == 4 and split.class_names == ['horizontal', 'vertical']
+  again = run_command('prepare', 'hand_made_stripes', '--data_dir', str(data_dir))
+  assert again.returncode == 0 and 'already prepared' in again.stdout
+
+  unknown = run_command('prepare', 'no_such_dataset_xyz')
+  assert unknown.returncode == 2 and unknown.stderr.startswith("error: Unknown dataset 'no_such_dataset_xyz'")
+
+
+def tiny_dataset(name: str, data_dir: str):
+  from vit_jax.config import defaults
+  dataset = defaults.get_config().dataset
+  dataset.name, dataset.data_dir, dataset.num_classes = name, data_dir, 2
+  return dataset

@@ -112,3 +112,23 @@ def test_usage_errors(run, tmp_path, workdir):
     run_lib.load_workdir(str(tmp_path))
   with pytest.raises(UsageError, match='--top_k=0'):
     predict.predict_main([str(tmp_path)], workdir=workdir, top_k_classes=0)
+
+
+def test_class_sub_folders_are_read_and_a_run_prints_in_one_line(run, images, tmp_path):
+  """The layout the README teaches for training (one sub-folder per class) predicts as it is; analyze
+  --images skips a file that does not decode, as training and predict do."""
+  from vit_jax.tools import analyze
+  folder, labels = images
+  classes = tmp_path / 'classes'
+  for i, label in enumerate(labels):
+    os.makedirs(classes / str(label), exist_ok=True)
+    os.link(folder / f'digit_{i}.png', classes / str(label) / f'digit_{i}.png')
+  (classes / str(labels[0]) / 'broken.png').write_bytes(b'not a png')
+  found = predict.find_images([str(classes)])
+  assert sorted(os.path.basename(f) for f in found) == ['broken.png'] + [f'digit_{i}.png' for i in range(4)]
+  assert found == sorted(found)
+  batches, described = analyze.analysis_images(run, str(classes), 128, None, 8)
+  assert described == f'4 images of {classes}' and sum(len(b) for b in batches) == 4
+  import jax
+  count = sum(leaf.size for leaf in jax.tree.leaves(run.params))
+  assert repr(run) == f'Run(tiny/4, {count:,} parameters, 10 classes, step 6)'  # Not 2,500 lines.

@@ -197,3 +197,19 @@ def test_only_keys_varied_on_their_own_get_a_plot_against_them():
   grid_like = points((4, 96, 1), (4, 96, 3), (8, 96, 1), (8, 96, 3))
   assert sweep_report.independent_keys(grid_like) == ['patch', 'lr']  # width never changes alone.
   assert sweep_report.independent_keys(points((4, 96, 1), (8, 192, 1), (2, 48, 1))) == []
+
+
+def test_progress_names_trials_by_their_index_and_a_finished_trial_as_finished(capsys):
+  """`--trial 2` prints as trial 2 (not [3/10]); a trial whose last step was saved before the sweep's
+  stop signal reached it is finished; one trial to run under --parallel 2 says so."""
+  trial = sweep.Trial(2, 'model.pool=gap,seed=0', {'model.pool': 'gap'}, 0, {'model.pool': 'gap', 'seed': 0})
+  sweep.print_outcome({'trial': trial, 'status': 'finished', 'wall_s': 31.0, 'last_step': 8}, 1, 1)
+  assert capsys.readouterr().out == '[1/1 run] trial 2 model.pool=gap,seed=0: finished after 31 s (step 8)\n'
+  assert sweep.trial_status(-15, 8, 8, stopped=True, saved_last=True) == 'finished'
+  assert sweep.trial_status(-15, 8, 8, stopped=True, saved_last=False) == 'interrupted'
+  assert sweep.trial_status(0, 5, 8, stopped=True, saved_last=False) == 'interrupted'
+  assert sweep.trial_status(1, 8, 8, stopped=False, saved_last=True) == 'failed'
+  assert sweep.trial_status(0, 8, 8, stopped=False, saved_last=True) == 'finished'
+  line = sweep.progress_line(10, 0, 1, 2, 'sw')
+  assert line == '10 trials: 0 already finished (skipped), 1 to run, 1 at a time (--parallel 2), in sw.'
+  assert sweep.progress_line(4, 4, 0, 2, 'sw') == '4 trials: 4 already finished (skipped), 0 to run, in sw.'

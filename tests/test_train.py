@@ -118,3 +118,16 @@ def test_nonpositive_durations_are_rejected(tiny_config, tmp_path):
   tiny_config.log_every_steps = 0
   with pytest.raises(UsageError, match='log_every_steps=0 must be a positive'):
     loop.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_a_finished_run_returns_its_final_metrics(tiny_config):
+  """Run again (a notebook cell run twice), a finished run trains nothing and returns the metrics it
+  finished with, not {} (the notebook printed `eval accuracy: nan%`)."""
+  from tests.trained_run import trained_workdir
+  from vit_jax.training import loop
+  workdir = trained_workdir(tiny_config)
+  final = loop.train_and_evaluate(tiny_config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  last_eval = [row for row in rows if 'eval/accuracy' in row][-1]
+  assert last_eval['step'] == tiny_config.total_steps
+  assert final['eval/accuracy'] == last_eval['eval/accuracy'] and 'train/loss' in final

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 
 class Command(NamedTuple):
@@ -40,6 +40,7 @@ COMMANDS = {
     'benchmark': Command('vit_jax.bench.benchmark', 'train/inference images/s and MFU of a variant', False,
                          True),
     'benchmark-timm': Command('vit_jax.bench.side_by_side', 'the benchmark side by side with timm', False),
+    'prepare': Command('vit_jax.tools.prepare', 'download and prepare a tfds dataset once, for training', False),
     'input-benchmark': Command('vit_jax.bench.input', 'input pipeline images/s against the train step',
                                True, True),
 }
@@ -48,7 +49,7 @@ COMMANDS = {
 # Commands whose work loads TensorFlow (the data pipeline, image decoding): it is imported first, with
 # its C++ start-up lines kept off the console.
 LOADS_TENSORFLOW = frozenset({'train', 'predict', 'evaluate', 'export', 'fewshot', 'analyze',
-                              'input-benchmark'})
+                              'input-benchmark', 'prepare'})
 # Commands that keep their compiled programs in JAX's persistent compilation cache, so that running one
 # again on the same model skips XLA's compilation. Not the benchmarks: they report compile times.
 USES_COMPILATION_CACHE = frozenset({'train', 'predict', 'evaluate', 'fewshot', 'analyze', 'memory'})
@@ -197,10 +198,15 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     fail(f'{type(e).__name__}: {" ".join(str(e).split())[:500]}')
 
 
-def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False) -> int:
-  """Defines the module's flags, parses `argv` and runs `module.main`, with UsageError as one line."""
+def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False,
+             parse_only: bool = False) -> Any:
+  """Defines the module's flags, parses `argv` and runs `module.main`, with UsageError as one line.
+
+  With `parse_only`, returns {flag: value} of the command's own flags (and `args`, the words left
+  over), running nothing: the doc test's check of commands it cannot run (tests/test_docs.py)."""
   from absl import app, flags, logging
 
+  from vit_jax import console
   from vit_jax.errors import UsageError
 
   app.define_help_flags()  # absl defines them once per process: before `known`, so they are never forgotten.
@@ -211,10 +217,13 @@ def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False
                       f'Keep compiled programs in {compilation_cache_dir()} ($VIT_JAX_COMPILATION_CACHE_DIR), '
                       'so that the next run of the same model starts faster; --nocompilation_cache or '
                       'VIT_JAX_COMPILATION_CACHE=0 turns it off.')
+  flags.DEFINE_bool('verbose', False, 'Show the warnings and tracebacks of the libraries underneath (orbax, '
+                    f'tfds, asyncio, ...) on the console; without it they go to {console.log_path(prog)}.')
 
   def main(args: list[str]) -> None:
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO.
+    console.keep_to_our_lines(prog, verbose=flags.FLAGS.verbose or flags.FLAGS['verbosity'].present)
     if compilation_cache and flags.FLAGS.compilation_cache:
       enable_compilation_cache(compilation_cache_dir())
     try:
@@ -233,6 +242,9 @@ def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False
     if HELP_FLAGS & set(argv):
       print(command_help(module, prog, defined))
       return 0
+    if parse_only:
+      rest = parse_absl_flags([prog] + argv)
+      return {'args': rest[1:], **{name: flags.FLAGS[name].value for name in defined}}
     app.run(main, argv=[prog] + argv, flags_parser=parse_absl_flags)
   finally:
     sys.argv = saved_argv
@@ -248,6 +260,8 @@ def run(name: str, argv: list[str]) -> int:
     fail(f'unknown command {name!r}; commands: {", ".join(COMMANDS)} (vit-jax --help).')
   command = COMMANDS[name]
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up lines.
+  from vit_jax import console
+  console.keep_to_our_lines(f'vit-jax {name}', verbose=os.environ.get('VIT_JAX_VERBOSE', '0') != '0')
   if command.retain_host_memory and not HELP_FLAGS & set(argv):
     from vit_jax.cpu import hostmem
     hostmem.retain_freed_memory()  # Before JAX starts.
@@ -259,6 +273,27 @@ def run(name: str, argv: list[str]) -> int:
   if command.absl:
     return run_absl(module, f'vit-jax {name}', argv, compilation_cache=name in USES_COMPILATION_CACHE)
   return int(module.main(argv) or 0)
+
+
+def check_flags(argv: list[str]) -> dict[str, Any]:
+  """Parses `vit-jax COMMAND ARGS` with the command's own flags (a --config file loaded with its
+  overrides) and returns {flag: value}, running nothing; a bad flag is the command's `error:` line and
+  exit 2. For commands that cannot run where they are checked (the doc test: a GPU, a cluster)."""
+  from vit_jax import errors
+  name, args = argv[0], list(argv[1:])
+  if name not in COMMANDS:
+    fail(f'unknown command {name!r}; commands: {", ".join(COMMANDS)} (vit-jax --help).')
+  command = COMMANDS[name]
+  module = importlib.import_module(command.module)
+  if command.absl:
+    return run_absl(module, f'vit-jax {name}', args, compilation_cache=name in USES_COMPILATION_CACHE,
+                    parse_only=True)
+  with errors.parse_only():
+    try:
+      module.main(args)
+    except errors.ParsedFlags as parsed:
+      return vars(parsed.namespace)
+  raise RuntimeError(f'vit-jax {name} ran without parsing its flags with vit_jax.errors.ArgumentParser')
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -34,7 +34,9 @@ the launcher does, so the step runs with the launcher's host-memory settings.
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -195,10 +197,32 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def xla_flags_error(xla_flags: str) -> Optional[str]:
+  """Why XLA refuses `xla_flags` (None if it takes them). XLA reads them when JAX starts a backend and
+  aborts the process on a flag it does not know, so they are tried in a child process first (~2 s)."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  try:
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env, capture_output=True,
+                           text=True, timeout=600)
+  except subprocess.TimeoutExpired:
+    return f'--xla_flags={xla_flags!r}: JAX did not start with them within 600 s; check them.'
+  if probe.returncode == 0:
+    return None
+  unknown = re.search(r'Unknown flags? in XLA_FLAGS: (.*)', probe.stderr)
+  said = unknown.group(1).strip() if unknown else (probe.stderr.strip().splitlines() or ['no output'])[-1]
+  return (f'--xla_flags={xla_flags!r}: XLA does not take them ({"unknown: " if unknown else ""}{said}); '
+          'give flags of the installed XLA, e.g. --xla_flags=--xla_cpu_use_fusion_emitters=false.')
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   args = parser().parse_args(argv)
   if args.xla_flags:  # Read by XLA when JAX creates its first backend, i.e. after this.
-    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
+    combined = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
+    error = xla_flags_error(combined)
+    if error:
+      print(f'error: {error}', file=sys.stderr)
+      return 2
+    os.environ['XLA_FLAGS'] = combined
   for name in ('image_size', 'batch_size', 'steps', 'repeats'):
     if getattr(args, name) < 1:
       print(f'error: --{name}={getattr(args, name)} must be positive.', file=sys.stderr)

@@ -255,7 +255,8 @@ def _incompatible_error(workdir: str, step: int, difference: str,
   return UsageError(
       f'--workdir {workdir} holds checkpoints (step {step}) whose train state this config cannot continue '
       f'({difference}); {changed}. Resume with the original values, or start a new --workdir with '
-      f'--config.init.path={workdir} to begin from its parameters.')
+      f'--config.init.path={workdir} to begin from its parameters (its classifier head starts from zeros '
+      'unless you add --config.init.reset_head=False).')
 
 
 def _finished_steps(directory: str) -> list[int]:

@@ -31,6 +31,13 @@ class Run:
   step: Optional[int] = None  # Training step of the parameters, when known.
   ema: bool = False  # Whether `params` are the run's exponential moving average (config.ema).
 
+  def __repr__(self) -> str:
+    """One line, not the thousands of lines of its config, module and arrays."""
+    import jax
+    count = sum(leaf.size for leaf in jax.tree.leaves(self.params))
+    return (f'Run({self.config.model.variant}, {count:,} parameters, {len(self.class_names)} classes, '
+            f'step {self.step}{", EMA parameters" if self.ema else ""})')
+
 
 def class_names_of(config: ml_collections.ConfigDict) -> list[str]:
   """Class names from the dataset's tfds metadata or image folder's class sub-folders (read without

@@ -57,8 +57,11 @@ class Split:
     return len(self.source)
 
 
-def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder | None:
+def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True,
+                data_dir_option: str = 'config.dataset.data_dir') -> tfds.core.DatasetBuilder | None:
   """Returns the prepared tfds builder for `dataset.name`, or raises UsageError.
+
+  `data_dir_option` is how the user's command sets the data directory, for the error's fix.
 
   Shipped builders are prepared (offline, seconds) when `prepare` is set, and
   so is a dataset with `dataset.manual_dir`. An image folder has no builder:
@@ -76,28 +79,21 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
         with contextlib.redirect_stdout(io.StringIO()):  # tfds' "Downloading and preparing ..." banners.
           builder.download_and_prepare()
     return builder
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.DatasetNotFoundError:
-    raise UsageError(f"Unknown dataset {name!r}: it is neither a tfds dataset nor shipped with "
-                     f"vit_jax ({', '.join(SHIPPED_BUILDERS)}). Check config.dataset.name.") from None
+  builder = _find_builder(name, data_dir)
   searched = data_dir or tfds.core.constants.DATA_DIR
-  if not builder.is_prepared() and dataset.manual_dir and prepare:
-    _prepare_from_manual_dir(name, data_dir, dataset.manual_dir)
-    builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    manual = (' from its manually downloaded files (set config.dataset.manual_dir to their folder '
-              'to prepare it at start, or add --manual_dir=DIR to the command)'
-              if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
+  if not is_prepared(builder) and dataset.manual_dir and prepare:
+    prepare_dataset(name, data_dir, dataset.manual_dir)
+    builder = _find_builder(name, data_dir)
+  if not is_prepared(builder):
+    manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
     raise UsageError(
-        f"Dataset {name!r} is not prepared in {searched}. Prepare it there{manual}: `tfds build {name} "
-        f"--data_dir={searched} --file_format=array_record`, or point config.dataset.data_dir at a "
-        "prepared copy.")
+        f"Dataset {name!r} is not prepared in {searched}. Prepare it there once"
+        + (' from its manually downloaded files' if manual else '') + f": `vit-jax prepare {name} "
+        f"--data_dir={searched}" + (' --manual_dir=FOLDER_OF_THE_FILES`, or set config.dataset.manual_dir '
+                                    'to prepare it at start' if manual else '`')
+        + f"; or point {data_dir_option} at a prepared copy.")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise UsageError(
-        f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, "
-        "but vit_jax reads by random access from array_record. Convert it once with "
-        f"`tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record`.")
+    raise UsageError(_not_array_record(name, builder))
   return builder
 
 
@@ -117,19 +113,58 @@ def quiet_tfds() -> Iterator[None]:
     logging.set_verbosity(verbosity)
 
 
-def _prepare_from_manual_dir(name: str, data_dir: str | None, manual_dir: str) -> None:
-  """Prepares a tfds dataset in array_record format from manually downloaded files."""
-  if not os.path.isdir(manual_dir):
-    raise UsageError(f'config.dataset.manual_dir={manual_dir!r} is not a directory; point it at the '
-                     f'folder holding the manual files of {name!r}.')
-  print(f'Preparing {name!r} from the manual files in {manual_dir} (once; large datasets take hours).',
-        flush=True)
-  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+def _find_builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuilder:
+  """tfds' builder of `name` in `data_dir`, with tfds' warnings about the folders it looked in (they are
+  only missing or not prepared, which the caller says in its own line) kept off the console."""
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with quiet_tfds():
+      return tfds.builder(name, data_dir=data_dir, **kwargs)
+  except tfds.core.DatasetNotFoundError:
+    raise UsageError(f"Unknown dataset {name!r}: it is neither a tfds dataset nor shipped with "
+                     f"vit_jax ({', '.join(SHIPPED_BUILDERS)}). Check config.dataset.name.") from None
+
+
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  with quiet_tfds():
+    return builder.is_prepared()
+
+
+def _not_array_record(name: str, builder: tfds.core.DatasetBuilder) -> str:
+  # `tfds convert_format` would convert it in place, but needs apache_beam, which vit_jax does not install.
+  return (f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, but vit_jax "
+          "reads by random access from array_record. Prepare an array_record copy in another folder with "
+          f"`vit-jax prepare {name} --data_dir=OTHER_FOLDER` and point the run at it (config.dataset.data_dir).")
+
+
+def prepare_dataset(name: str, data_dir: str | None = None, manual_dir: str = '') -> tfds.core.DatasetBuilder:
+  """Prepares tfds dataset `name` in `data_dir` (tfds' default if None) in the array_record format that
+  training reads, downloading its files, or reading them from `manual_dir` for datasets whose files are
+  downloaded by hand (imagenet2012). What `vit-jax prepare NAME` runs; `tfds build` needs apache_beam,
+  which vit_jax does not install. Returns the prepared builder; raises UsageError in one line."""
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise UsageError(f'--manual_dir={manual_dir!r} is not a directory; point it at the folder holding the '
+                     f'manually downloaded files of {name!r}.')
+  if name in SHIPPED_BUILDERS:
+    with quiet_tfds():
+      builder = SHIPPED_BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  else:
+    builder = _find_builder(name, data_dir, file_format='array_record')
+  if is_prepared(builder):
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise UsageError(_not_array_record(name, builder))
+    print(f'{name!r} is already prepared in {builder.data_dir}.', flush=True)
+    return builder
+  source = f'from the files in {manual_dir}' if manual_dir else 'downloading its files'
+  print(f'Preparing {name!r} in {builder.data_dir}, {source} (once; large datasets take hours).', flush=True)
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  try:
+    builder.download_and_prepare(download_config=config)
   except Exception as e:  # tfds raises assorted types; the user needs the message, on one line.
-    raise UsageError(f'Preparing {name!r} from manual_dir {manual_dir} failed: '
-                     f'{" ".join(str(e).split())[:400]}') from e
+    raise UsageError(f'Preparing {name!r} in {builder.data_dir} failed: '
+                     f'{" ".join(str(e).split())[:400] or type(e).__name__}') from e
+  print(f'Prepared {name!r}: {", ".join(f"{k} {v.num_examples:,}" for k, v in builder.info.splits.items())} '
+        f'examples in {builder.data_dir}.', flush=True)
+  return builder
 
 
 def open_split(dataset: ml_collections.ConfigDict, split: str) -> Split:

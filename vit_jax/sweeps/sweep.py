@@ -222,6 +222,23 @@ def last_step(trial_dir: str) -> int:
     return 0
 
 
+def trial_status(returncode: int, reached: int, total_steps: int, stopped: bool, saved_last: bool) -> str:
+  """'finished', 'failed' or 'interrupted': how a launcher run of a trial ended. `reached` is the last
+  step in its metrics, `stopped` whether the sweep passed a stop signal on, `saved_last` whether the
+  checkpoint of `total_steps` exists."""
+  # A signal that came after the last step had trained, evaluated and saved changed nothing.
+  if reached >= total_steps and (not returncode or (stopped and saved_last)):
+    return 'finished'
+  if returncode and not stopped:
+    return 'failed'
+  return 'interrupted'  # Stopped by our signal: saved and exited 0, or died before training started.
+
+
+def progress_line(chosen: int, skipped: int, todo: int, parallel: int, workdir: str) -> str:
+  at_once = f', {min(parallel, todo)} at a time (--parallel {parallel})' if todo else ''
+  return f'{chosen} trials: {skipped} already finished (skipped), {todo} to run{at_once}, in {workdir}.'
+
+
 class Runner:
   """Runs trials in subprocesses, `parallel` at a time; forwards SIGTERM/SIGINT (or `signals`) to them.
 
@@ -268,10 +285,8 @@ class Runner:
       self._running.discard(process)
     wall_s = time.time() - start
     reached = last_step(trial_dir)
-    if returncode and self.stop_signal is None:
-      status = 'failed'
-    else:  # A launcher stopped by our signal exits 0 after saving, or dies if it had not started training.
-      status = 'finished' if not returncode and reached >= total_steps else 'interrupted'
+    saved_last = os.path.isdir(os.path.join(trial_dir, 'checkpoints', str(total_steps)))
+    status = trial_status(returncode, reached, total_steps, self.stop_signal is not None, saved_last)
     with open(os.path.join(trial_dir, ATTEMPTS_FILE), 'a') as f:
       f.write(json.dumps({'start': start, 'wall_s': wall_s, 'returncode': returncode,
                           'last_step': reached, 'status': status, **self.record}) + '\n')
@@ -301,16 +316,18 @@ class Runner:
           for future in done:
             outcome = future.result()
             outcomes.append(outcome)
-            _print_outcome(outcome, len(self.sweep.trials))
+            print_outcome(outcome, len(outcomes), len(trials))
     finally:
       for sig, handler in previous.items():
         signal.signal(sig, handler)
     return sorted(outcomes, key=lambda o: o['trial'].index)
 
 
-def _print_outcome(outcome: dict, count: int) -> None:
+def print_outcome(outcome: dict, done: int, count: int) -> None:
+  """`[3/6 run] trial 4 NAME: finished ...`: how many of this call's trials have ended, and the trial's
+  index as --plan and --trial name it."""
   trial, status = outcome['trial'], outcome['status']
-  line = f'[{trial.index + 1}/{count}] {trial.name}: {status}'
+  line = f'[{done}/{count} run] trial {trial.index} {trial.name}: {status}'
   if 'wall_s' in outcome:
     line += f' after {outcome["wall_s"]:.0f} s (step {outcome["last_step"]})'
   if status == 'failed':
@@ -350,8 +367,7 @@ def run_sweep(sweep: Sweep, workdir: str, parallel: int = 1,
   chosen = [sweep.trials[i] for i in only] if only else sweep.trials
   skipped = [t for t in chosen if is_finished(sweep, t, workdir)]
   todo = [t for t in chosen if t not in skipped]
-  print(f'{len(chosen)} trials: {len(skipped)} already finished (skipped), {len(todo)} to run, '
-        f'{min(parallel, max(len(todo), 1))} at a time, in {workdir}.', flush=True)
+  print(progress_line(len(chosen), len(skipped), len(todo), parallel, workdir), flush=True)
   os.makedirs(workdir, exist_ok=True)
   if parallel > 1 and len(todo) > 1:
     prepare_datasets(sweep)

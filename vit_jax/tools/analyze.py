@@ -172,10 +172,16 @@ def analysis_images(run: Run, images_dir: Optional[str], num_images: int, split:
   """(batches of at most `batch_size` model inputs, a description): the first `num_images` images
   of `images_dir` (predict's preprocessing) or of the dataset split (the eval pipeline)."""
   if images_dir:
-    from vit_jax.tools.predict import find_images, load_images
-    files = find_images([images_dir])[:num_images]
-    batches = (load_images(run.config, files[i:i + batch_size]) for i in range(0, len(files), batch_size))
-    return batches, f'{len(files)} images of {images_dir}'
+    from vit_jax.tools.predict import decode_images, find_images
+    images = []
+    for path in find_images([images_dir]):  # Files that do not decode are skipped, with a warning line.
+      if len(images) == num_images:
+        break
+      images += decode_images(run.config, [path], skip=True)[1]
+    if not images:
+      raise UsageError(f'No image file in {images_dir!r} decodes; pass PNG, JPEG, GIF or BMP files.')
+    batches = (np.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
+    return batches, f'{len(images)} images of {images_dir}'
   from vit_jax.data import pipeline
   config = run.config.copy_and_resolve_references()
   config.eval_batch_size = batch_size

@@ -22,10 +22,12 @@ from vit_jax.errors import UsageError
 
 def fewshot_run(run: Run, dataset: str, shots: Sequence[int], *, train_split: str = 'train',
                 test_split: str = 'test', seeds: int = 3, l2_reg: float = 2.0**10,
-                data_dir: Optional[str] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
+                data_dir: Optional[str] = None, batch_size: Optional[int] = None,
+                data_dir_option: str = 'data_dir') -> dict[str, Any]:
   """Few-shot accuracies of `run`'s pre-logits on `dataset` (a tfds name or an image folder).
 
-  Features are computed on all local devices (batch split over them). Returns
+  Features are computed on all local devices (batch split over them); `data_dir_option` is how the
+  caller sets `data_dir` (the command's flag), for the not-prepared error. Returns
   {'accuracy': {k: mean accuracy}, 'num_train', 'num_test', 'num_classes', 'seconds'}.
   """
   import jax
@@ -36,7 +38,8 @@ def fewshot_run(run: Run, dataset: str, shots: Sequence[int], *, train_split: st
   fewshot.check_shots(shots, seeds, l2_reg, what='vit-jax fewshot:')
   if jax.process_count() > 1:
     raise UsageError(f'vit-jax fewshot runs in one process, not {jax.process_count()}; run it on one host.')
-  config = fewshot.dataset_config(run.config, dataset, train_split, test_split, data_dir)
+  config = fewshot.dataset_config(run.config, dataset, train_split, test_split, data_dir,
+                                  data_dir_option=data_dir_option)
   if batch_size is not None:
     config.unlock()
     config.eval_batch_size = batch_size
@@ -85,7 +88,8 @@ def main(argv):
     raise UsageError(f'--shots={",".join(f.shots)}: give positive integers, e.g. --shots=1,5,10,25.') from None
   run = run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step)
   result = fewshot_run(run, f.dataset, shots, train_split=f.train_split, test_split=f.test_split,
-                       seeds=f.seeds, l2_reg=f.l2_reg, data_dir=f.data_dir, batch_size=f.batch_size)
+                       seeds=f.seeds, l2_reg=f.l2_reg, data_dir=f.data_dir, batch_size=f.batch_size,
+                       data_dir_option='--data_dir')
   print(f'{f.dataset}: {result["num_classes"]} classes, shots from {result["num_train"]} {f.train_split} '
         f'examples, accuracy on {result["num_test"]} {f.test_split} examples, mean of {f.seeds} seeds '
         f'({result["seconds"]:.1f} s; step {run.step}{", EMA" if run.ema else ""}):', flush=True)

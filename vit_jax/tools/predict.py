@@ -6,7 +6,8 @@
 Each image gets exactly the evaluation preprocessing of the run's config
 (`pipeline.eval_preprocess_fn`: decode, resize the short side, central
 crop, value range), so files of any size work. A folder stands for the image
-files directly inside it, in name order. Parameters come from the latest
+files in it and in its sub-folders (one per class, as for training), in path
+order; files that do not decode are skipped with a warning line. Parameters come from the latest
 orbax checkpoint of `--workdir`, or from an exported `.npz` (vit-jax export)
 with the config JSON written beside it. Class names come from the dataset's
 tfds metadata (or from the exported JSON).
@@ -29,14 +30,18 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.gif', '.bmp')
 
 
 def find_images(paths: Sequence[str]) -> list[str]:
-  """Image files named by `paths`: files as given, folders as their image files in name order."""
+  """Image files named by `paths`: files as given, folders as the image files in them and in their
+  sub-folders (e.g. one per class, the layout training reads), in path order."""
   files = []
   for path in paths:
     if os.path.isdir(path):
-      found = sorted(os.path.join(path, name) for name in os.listdir(path)
-                     if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+      found = []
+      for folder, subfolders, names in os.walk(path):
+        subfolders.sort()
+        found += sorted(os.path.join(folder, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
       if not found:
-        raise UsageError(f'Folder {path!r} holds no image files ({", ".join(IMAGE_EXTENSIONS)}).')
+        raise UsageError(f'Folder {path!r} holds no image files ({", ".join(IMAGE_EXTENSIONS)}), '
+                         'neither directly nor in sub-folders.')
       files += found
     elif os.path.isfile(path):
       files.append(path)
@@ -47,8 +52,8 @@ def find_images(paths: Sequence[str]) -> list[str]:
   return files
 
 
-def _decode(config: ml_collections.ConfigDict, files: Sequence[str], skip: bool
-            ) -> tuple[list[str], list[np.ndarray]]:
+def decode_images(config: ml_collections.ConfigDict, files: Sequence[str], skip: bool
+                  ) -> tuple[list[str], list[np.ndarray]]:
   """(files that decode, their images after evaluation preprocessing); with `skip`, a file that does
   not decode gets a warning line (as in training) instead of a UsageError."""
   import tensorflow as tf
@@ -73,7 +78,7 @@ def _decode(config: ml_collections.ConfigDict, files: Sequence[str], skip: bool
 
 def load_images(config: ml_collections.ConfigDict, files: Sequence[str]) -> np.ndarray:
   """The files after evaluation preprocessing, (n, height, width, 3) float32 (config.input.image_size)."""
-  return np.stack(_decode(config, files, skip=False)[1])
+  return np.stack(decode_images(config, files, skip=False)[1])
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'return_attention'))
@@ -101,7 +106,7 @@ def predict_batches(run: Run, files: Sequence[str], batch_size: int = 32, return
   """
   size = max(1, min(batch_size, len(files)))
   for start in range(0, len(files), size):
-    chunk, decoded = _decode(run.config, files[start:start + size], skip=skip_undecodable)
+    chunk, decoded = decode_images(run.config, files[start:start + size], skip=skip_undecodable)
     if not chunk:
       continue
     images = jax.tree.map(lambda *x: np.stack(x), *decoded)

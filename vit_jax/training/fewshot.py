@@ -128,13 +128,14 @@ def compute_features(fn: Callable, params: Any, config: ml_collections.ConfigDic
 
 
 def dataset_config(config: ml_collections.ConfigDict, source: str, train_split: str, test_split: str,
-                   data_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+                   data_dir: Optional[str] = None, data_dir_option: str = 'config.dataset.data_dir'
+                   ) -> ml_collections.ConfigDict:
   """`config` with its dataset replaced by `source` (a tfds name or an image folder) and its splits.
 
   config.dataset.eval_split is `test_split`, train_split is `train_split`, and
   num_classes is read from the dataset (tfds metadata or the class folders).
   Image and label keys, data_dir (unless given) and preprocessing stay those
-  of `config`.
+  of `config`. `data_dir_option` names the user's way to set data_dir, for the not-prepared error.
   """
   from vit_jax.data.builders import image_folder
 
@@ -149,7 +150,7 @@ def dataset_config(config: ml_collections.ConfigDict, source: str, train_split: 
     dataset.num_classes = len(image_folder.index_folder(source, dataset.test_fraction).class_names)
   else:
     dataset.name = source
-    label = pipeline.get_builder(dataset).info.features[dataset.label_key]
+    label = pipeline.get_builder(dataset, data_dir_option=data_dir_option).info.features[dataset.label_key]
     if getattr(label, 'num_classes', None) is None:
       raise UsageError(f'Dataset {source!r} has no class label feature {dataset.label_key!r}; few-shot '
                        'evaluation needs a classification dataset.')

@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'config.total_steps={config.total_steps}; nothing to train, nothing changed.'
             + (f' Not applied: {checkpoint.format_changes(changes)}. Raise --config.total_steps to train on, '
                f'or start a new --workdir with --config.init.path={workdir}.' if changes else ''), flush=True)
-    return {}
+    return metrics_lib.recorded(workdir, start_step)  # Its final metrics, as when it finished.
   if is_main:
     checkpoint.record_config(workdir, config, start_step)
 

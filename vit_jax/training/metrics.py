@@ -20,6 +20,26 @@ def _row_step(line: str) -> float:
     return float('inf')
 
 
+def recorded(workdir: str, step: int) -> dict[str, Any]:
+  """The metrics.jsonl values recorded at `step`, its rows merged (e.g. the final train and eval metrics
+  of a finished run); {} if there are none."""
+  merged = {}
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return merged
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:  # A line cut short by a kill.
+      continue
+    if row.get('step') == step:
+      merged.update(row)
+  merged.pop('step', None)
+  return merged
+
+
 class MetricWriter:
   """Appends `{'step': s, **metrics}` rows to workdir/metrics.jsonl and TensorBoard."""
 

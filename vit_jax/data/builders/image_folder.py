@@ -124,8 +124,8 @@ def _scan(root: str, test_fraction: float) -> FolderIndex:
                      '(PATH holds one sub-folder per class; their number sets config.dataset.num_classes), '
                      'or set both --config.dataset.folder=PATH and --config.dataset.num_classes=N.')
   if not os.path.isdir(root):
-    raise UsageError(f'Image folder {root!r} does not exist; point config.dataset.folder at a folder '
-                     'with one sub-folder of images per class.')
+    raise UsageError(f'Image folder {root!r} does not exist; give a folder with one sub-folder of images '
+                     'per class, as --config configs/image_folder.py:PATH (or --config.dataset.folder=PATH).')
   names = class_names(root)
   if len(names) < 2:
     where = os.path.join(root, 'train') if is_presplit(root) else root
