@@ -35,6 +35,7 @@ from vit_jax.data import augment
 from vit_jax.data import preprocess
 from vit_jax.data.builders import image_folder
 from vit_jax.data.builders.sklearn_digits import SklearnDigits
+from vit_jax import storage
 from vit_jax.errors import UsageError
 
 # Builders that vit_jax ships and prepares offline on first use.
@@ -64,6 +65,11 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True) -> tfd
   it is indexed (and checked) instead, and None is returned.
   """
   name, data_dir = dataset.name, dataset.data_dir or None
+  if storage.is_url(data_dir):
+    # array_record's reader (the random access this pipeline is built on) opens local files only.
+    raise UsageError(f'config.dataset.data_dir={data_dir!r}: datasets are read by random access through '
+                     'array_record, whose reader opens local files only; copy the prepared dataset to local disk '
+                     f'(gcloud storage cp -r {data_dir.rstrip("/")}/{name} DIR/) and set config.dataset.data_dir=DIR.')
   if name == IMAGE_FOLDER:
     image_folder.index_folder(dataset.folder, dataset.test_fraction)
     return None
