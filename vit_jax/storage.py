@@ -56,7 +56,7 @@ def _use_gcsfs() -> None:
     import gcsfs  # noqa: F401
   except ImportError:
     raise UsageError('gs:// paths need gcsfs, which is not installed: pip install -e ".[gcs]" (or '
-                     '"gcsfs>=2024.2").') from None
+                     '"gcsfs>=2026.10.1").') from None
   os.environ.setdefault('EPATH_USE_TF', 'false')
   from etils.epath import gpath
   if hasattr(gpath, '_is_tf_installed'):  # Cached on its first call, which may have come before.
