@@ -316,7 +316,6 @@ def test_two_processes_write_one_checkpoint_that_one_process_restores(gcs, data_
   assert '2 processes' in outputs[0][0]
   names = objects(f'{url}/checkpoints/3')
   assert any(n.endswith('commit_success.txt') for n in names)
-  assert any('ocdbt.process_1' in n for n in names), sorted(names)  # Process 1 wrote its own part.
   with no_local_file_calls_on_urls():
     state = final_state(url)
   assert int(state.step) == 3
