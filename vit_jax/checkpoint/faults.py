@@ -21,10 +21,11 @@ import os
 import re
 from typing import Optional
 
+from vit_jax import storage
 from vit_jax.errors import UsageError
 
 # Tensorstore's status codes and texts that mean the machine or file system failed, not the files.
-_UNAVAILABLE_TEXT = re.compile(r'PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED')
+_UNAVAILABLE_TEXT = re.compile(r'PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|UNAUTHENTICATED')
 # A thread that cannot start (its stack cannot be mapped) is the first sign of a full address space.
 _MEMORY_TEXT = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|bad_alloc|Cannot allocate memory|"
                           r"can't start new thread")
@@ -56,7 +57,9 @@ def first_line(error: BaseException) -> str:
 
 def unreadable(path: str) -> Optional[str]:
   """'<reason> on <file>' for the first directory or file under `path` that cannot be listed or read; None
-  when every one reads (a missing `path` counts: it was there when listed)."""
+  when every one reads (a missing `path` counts: it was there when listed). `path` may be a gs:// URL."""
+  if storage.is_url(path):
+    return _unreadable_objects(path)
   try:
     if not os.path.isdir(path):
       os.stat(path)  # Raises for a path that is gone or cannot be looked at.
@@ -71,6 +74,22 @@ def unreadable(path: str) -> Optional[str]:
     reason = unreadable(os.path.join(path, name))
     if reason:
       return reason
+  return None
+
+
+def _unreadable_objects(url: str) -> Optional[str]:
+  """`unreadable` in a bucket: every object under `url` is read; a listing or read that fails names it."""
+  try:
+    files = storage.list_files(url)
+  except Exception as e:  # gcsfs raises OSError subclasses and HttpError.
+    return f'{storage.describe_error(e)} on {url}'
+  if not files:
+    return f'No such file or directory on {url}'
+  for name in files:
+    try:
+      storage.read_bytes(name)
+    except Exception as e:
+      return f'{storage.describe_error(e)} on {name}'
   return None
 
 
@@ -97,11 +116,16 @@ def list_steps(directory: str, reader: bool = False) -> list[int]:
   """Steps of the finished checkpoints in `directory`, newest first; [] when it does not exist.
 
   Orbax renames a checkpoint to its step when it is complete; its temporary
-  directories are not all digits. A directory that exists but cannot be
+  directories are not all digits. In a bucket (no atomic rename) orbax writes
+  the step's folder under its final name and marks it finished last, with a
+  `commit_success.txt`: a folder without one (a save cut short, e.g. a
+  preempted worker) is not a checkpoint. A directory that exists but cannot be
   listed (I/O error, permissions, a dangling link to an unmounted file
   system) is CheckpointUnavailable, never an empty one: that would start the
   run over. `reader`: the error of a command that only reads (no resume).
   """
+  if storage.is_url(directory):
+    return _list_bucket_steps(directory, reader)
   try:
     names = os.listdir(directory)
   except FileNotFoundError:
@@ -116,14 +140,30 @@ def list_steps(directory: str, reader: bool = False) -> list[int]:
   return sorted((int(name) for name in names if name.isdigit()), reverse=True)
 
 
+COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a finished checkpoint in a bucket.
+
+
+def _list_bucket_steps(directory: str, reader: bool) -> list[int]:
+  try:
+    names = storage.listdir(directory)
+    steps = [int(name) for name in names if name.isdigit()]
+    finished = [step for step in steps if storage.exists(storage.join(directory, str(step), COMMIT_FILE))]
+  except FileNotFoundError:  # No object under the prefix: no checkpoint yet.
+    return []
+  except Exception as e:  # gcsfs raises OSError subclasses and HttpError.
+    raise unavailable_error(f'the checkpoints in {directory}', f'{storage.describe_error(e)} on {directory}',
+                            reader) from None
+  return sorted(finished, reverse=True)
+
+
 def unavailable_error(what: str, reason: str, reader: bool = False) -> CheckpointUnavailable:
   """The one-line error of a checkpoint that cannot be read now: what failed, on which file, what to do."""
   if reason.startswith('out of memory'):
     fix = ('resume on a machine with more host (or device) memory, or free memory used by other processes, '
            'and run the same command again')
   else:
-    fix = ('check that the file system is mounted and answering and that this user may read it, then run '
-           'the same command again')
+    fix = ('check that the file system is mounted and answering (the bucket reachable) and that this user may '
+           'read it, then run the same command again')
   kept = ('' if reader else '; nothing in the workdir was moved or written, and the run resumes from its '
           'latest checkpoint once it can be read')
   return CheckpointUnavailable(f'Cannot read {what} now: {reason}. This is not damage to the checkpoint: '

@@ -20,10 +20,7 @@ Every process takes the same decision: the gravest verdict of any process.
 """
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import jax
@@ -32,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from vit_jax import storage
 from vit_jax.checkpoint import faults
 from vit_jax.checkpoint.record import config_changes, format_changes, saved_config
 from vit_jax.errors import UsageError
@@ -89,7 +87,9 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
   _save_each_array_from_one_replica_on_cpu()
   options = ocp.CheckpointManagerOptions(
       create=True, preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+  directory = storage.absolute(storage.join(workdir, 'checkpoints'))
+  storage.path(directory)  # A gs:// URL: orbax's own file operations go through gcsfs too (storage.py).
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -134,13 +134,16 @@ def _write_error(manager: ocp.CheckpointManager, error: Exception) -> UsageError
   reason = found.group(1) if found else (text.splitlines()[0][:300] if text else type(error).__name__)
   if re.search(r'No space left|File too large|Disk quota', reason):
     fix = 'Free disk space or choose another --workdir'
+  elif storage.is_url(manager.directory):
+    fix = ('The storage server refused or failed the write after the storage library\'s retries (not the '
+           'run): check the bucket\'s permissions and that it answers, then run the same command to resume')
   else:
     fix = ('The file system failed to write (not the run): check that it is mounted, writable and answering, '
            'then run the same command to resume')
   directory = str(manager.directory)
   try:
     steps = faults.list_steps(directory)
-    unread = next(filter(None, (faults.unreadable(os.path.join(directory, str(s))) for s in steps)), None)
+    unread = next(filter(None, (faults.unreadable(storage.join(directory, str(s))) for s in steps)), None)
   except faults.CheckpointUnavailable as e:
     steps, unread = [], str(e)
   if unread:
@@ -184,11 +187,9 @@ def saved_tree(step_dir: str) -> Any:
 
   Reads orbax's `_METADATA` file only, no array data.
   """
-  from etils import epath  # Orbax's path type.
-
   handler = ocp.PyTreeCheckpointHandler()  # The handler alone: no step-level files, no barriers.
   try:
-    return handler.metadata(epath.Path(step_dir) / 'default').tree
+    return handler.metadata(storage.path(step_dir) / 'default').tree
   finally:
     handler.close()
 
@@ -288,9 +289,9 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, abstract_st
   Damaged checkpoints are skipped here (restore_latest sets them aside): a
   run whose latest checkpoint is damaged and whose previous one fits resumes.
   """
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = storage.join(workdir, 'checkpoints')
   for step in _finished_steps(directory):
-    verdict, detail, _ = _verdict(os.path.join(directory, str(step)), abstract_state)
+    verdict, detail, _ = _verdict(storage.join(directory, str(step)), abstract_state)
     agreed = _agreed(verdict)
     _stop_unless_usable(agreed, verdict, detail, workdir, step, config)
     if agreed == _FITS:
@@ -314,11 +315,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   anything is written).
   """
   directory = str(manager.directory)
-  workdir = os.path.dirname(directory)
+  workdir = storage.dirname(directory)
   damaged: list[tuple[int, str]] = []
   state = None
   for step in _finished_steps(directory):
-    step_dir = os.path.join(directory, str(step))
+    step_dir = storage.join(directory, str(step))
     verdict, reason, saved = _verdict(step_dir, abstract_state)
     agreed = _agreed(verdict)
     if agreed == _FITS:
@@ -337,7 +338,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     raise UsageError(
         f'Every checkpoint in {directory} is damaged ({listed}); nothing was moved. To start over from step 0 '
         'deliberately, run the same command with --discard_damaged (they are moved to '
-        f'{os.path.join(workdir, "corrupt_checkpoints")}).')
+        f'{storage.join(workdir, "corrupt_checkpoints")}).')
   for step, reason in damaged:
     _set_aside(manager, step)
     if jax.process_index() == 0:
@@ -347,14 +348,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   """Moves a damaged checkpoint out of the manager's directory (process 0) and rescans."""
-  source = os.path.join(str(manager.directory), str(step))
-  if jax.process_index() == 0 and os.path.exists(source):
-    target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints')
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, f'{step}')
-    while os.path.exists(target):  # Set aside before: keep both.
+  source = storage.join(str(manager.directory), str(step))
+  if jax.process_index() == 0 and storage.exists(source):
+    target_dir = storage.join(storage.dirname(str(manager.directory)), 'corrupt_checkpoints')
+    storage.makedirs(target_dir)
+    target = storage.join(target_dir, f'{step}')
+    while storage.exists(target):  # Set aside before: keep both.
       target += '+'
-    shutil.move(source, target)
+    # In a bucket the commit marker goes first: a move cut short leaves no finished-looking step behind.
+    storage.move_tree(source, target, last_first=faults.COMMIT_FILE)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'set_aside_{step}')
@@ -368,17 +370,16 @@ def best_step(workdir: str, metric: str, mode: str) -> Optional[int]:
   run has a config.best_metric); checkpoints saved without eval have none.
   Ties go to the later step. Reads only.
   """
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  directory = storage.absolute(storage.join(workdir, 'checkpoints'))
   values = {}
   for step in _finished_steps(directory):
-    path = os.path.join(directory, str(step), 'metrics', 'metrics')
+    path = storage.join(directory, str(step), 'metrics', 'metrics')
     try:
-      with open(path) as f:
-        text = f.read()
+      text = storage.read_text(path)
     except FileNotFoundError:  # Saved without eval.
       continue
-    except OSError as e:
-      raise faults.unavailable_error(f'the metrics of checkpoint {step}', f'{e.strerror} on {path}',
+    except Exception as e:  # OSError locally; gcsfs' errors in a bucket.
+      raise faults.unavailable_error(f'the metrics of checkpoint {step}', f'{storage.describe_error(e)} on {path}',
                                      reader=True) from None
     try:
       metrics = json.loads(text)
@@ -391,40 +392,3 @@ def best_step(workdir: str, metric: str, mode: str) -> Optional[int]:
     return None
   sign = 1 if mode == 'max' else -1
   return max(values, key=lambda step: (sign * values[step], step))
-
-
-# --- The workdir: writable, with room for checkpoints. ---
-
-
-def has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir/checkpoints` holds at least one finished step directory."""
-  return bool(_finished_steps(os.path.join(workdir, 'checkpoints')))
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_state: Any = None) -> None:
-  """Fails, before anything is written, if `workdir` cannot be used for this config.
-
-  A workdir must be writable, have room for two checkpoints of
-  `abstract_state` (one being written while the previous is kept), and if it
-  already holds checkpoints, the newest readable one must have the tree and
-  shapes of `abstract_state` (check_resumable).
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UsageError(f'--workdir {workdir} is a file, not a directory; choose another path.')
-  probe_dir = workdir if os.path.isdir(workdir) else os.path.dirname(os.path.abspath(workdir))
-  while not os.path.exists(probe_dir):
-    probe_dir = os.path.dirname(probe_dir)
-  try:
-    with tempfile.TemporaryFile(dir=probe_dir):
-      pass
-  except OSError as e:
-    raise UsageError(f'--workdir {workdir} is not writable ({e.strerror}); choose a writable '
-                     'directory with free space.') from None
-  if abstract_state is not None:
-    needed = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    free = shutil.disk_usage(probe_dir).free
-    if free < needed:
-      raise UsageError(f'--workdir {workdir} has {free / 2**20:,.1f} MiB free, but two checkpoints of '
-                       f'this model need {needed / 2**20:,.1f} MiB; free space or choose another '
-                       '--workdir.')
-    check_resumable(workdir, config, abstract_state)

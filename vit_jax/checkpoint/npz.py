@@ -24,6 +24,7 @@ pre-Linen shape (1, 1, 1, channels); they are read as Linen's (channels,) and
 written back in the release's shape (`_GROUPNORM_KEY`).
 """
 
+import io
 import math
 import os
 import re
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
 from vit_jax.models import flexi
@@ -160,10 +162,9 @@ def save_npz(params: Params, path: str) -> None:
   """Writes `params` (per-block or scanned) to `path` in the original ViT layout."""
   flat = flatten_params(unstack_blocks(jax.device_get(params)))
   flat = _groupnorm_to_release({k: np.asarray(v) for k, v in flat.items()})
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path, 'wb') as f:  # A file object keeps np.savez from appending '.npz'.
-    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+  buffer = io.BytesIO()  # A file object keeps np.savez from appending '.npz'.
+  np.savez(buffer, **{k: np.asarray(v) for k, v in flat.items()})
+  storage.write_bytes(path, buffer.getvalue())  # A local path or a gs:// URL; written whole.
 
 
 def _resize_linear(x: np.ndarray, size: int, axis: int) -> np.ndarray:
@@ -303,17 +304,19 @@ def _token_grid(model: nn.Module, height: int, width: int) -> Optional[tuple[int
 
 
 def load_pretrained(path: str) -> Params:
-  """Per-block parameters from a `.npz` (file, URL or published name), an orbax workdir or step directory."""
-  if not os.path.isdir(path):
+  """Per-block parameters from a `.npz` (file, URL or published name), an orbax workdir or step directory
+  (local or gs://)."""
+  if path.endswith('.npz') or ':' in path and not storage.is_url(path) or not storage.isdir(path):
     return load_npz(path)
   import orbax.checkpoint as ocp  # Local: only this branch needs orbax.
-  directory, step = os.path.join(path, 'checkpoints'), None
-  if not os.path.isdir(directory) and os.path.basename(os.path.normpath(path)).isdigit():
-    directory, step = os.path.dirname(os.path.normpath(path)), int(os.path.basename(os.path.normpath(path)))
-  if not os.path.isdir(directory):
+  directory, step = storage.join(path, 'checkpoints'), None
+  name = storage.basename(path)
+  if not storage.isdir(directory) and name.isdigit():
+    directory, step = storage.dirname(path.rstrip('/')), int(name)
+  if not storage.isdir(directory):
     raise UsageError(f'config.init.path={path!r} is a directory but neither a vit_jax workdir '
                      '(with checkpoints/) nor a checkpoint step directory; give a .npz file or a workdir.')
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  manager = ocp.CheckpointManager(storage.absolute(directory))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise UsageError(f'No checkpoint in {directory!r}; train there first or give a .npz file.')

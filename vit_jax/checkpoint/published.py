@@ -25,8 +25,9 @@ $VIT_JAX_CACHE (default ~/.cache/vit_jax/checkpoints), one per file even when
 several processes start at once: under a lock file, into a temporary name,
 checked against the remote size, then renamed into place.
 
-TensorFlow (tf.io.gfile, for gs:// and local roots) is imported only when a
-file is downloaded, so resolving a local path needs no TensorFlow.
+gs:// URLs are read through vit_jax/storage.py (gcsfs, pointed at a local
+server by STORAGE_EMULATOR_HOST in the tests); no TensorFlow is needed. The
+cache itself is a local directory (its lock is a local file lock).
 """
 
 import csv
@@ -172,7 +173,7 @@ def download(resolved: Resolved) -> str:
       os.replace(temporary, dest)
     except UsageError:
       raise
-    except Exception as e:  # Network, permission and not-found errors of gfile and urllib alike.
+    except Exception as e:  # Network, permission and not-found errors of gcsfs and urllib alike.
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
       where = f' (or set {resolved.hint})' if resolved.hint else ''
       raise UsageError(f'Cannot fetch checkpoint {resolved.spec!r}: tried {resolved.path} ({reason}); '
@@ -184,28 +185,22 @@ def download(resolved: Resolved) -> str:
 
 
 def _copy(url: str, dest: str) -> tuple[int, Optional[int]]:
-  """Copies `url` (https://, gs:// or any tf.io.gfile path) to the local `dest`: (bytes written, size)."""
-  written = 0
+  """Copies `url` (https://, gs:// or a local mirror's file) to the local `dest`: (bytes written, size)."""
 
   def announce(size: Optional[int]) -> None:  # Once the source answered: a failure stays one line.
     shown = f' ({size / 1e6:.1f} MB)' if size is not None else ''
     print(f'downloading {url}{shown}', file=sys.stderr, flush=True)
-  with open(dest, 'wb') as out:
-    if url.startswith(('http://', 'https://')):
-      import urllib.request
-      with urllib.request.urlopen(url, timeout=60) as response:
-        length = response.headers.get('Content-Length')
-        expected = int(length) if length else None
-        announce(expected)
-        while chunk := response.read(_CHUNK):
-          written += out.write(chunk)
-    else:
-      import tensorflow as tf  # Local: gs:// and mirrors are read through tf.io.gfile.
-      expected = tf.io.gfile.stat(url).length
-      announce(expected)
-      with tf.io.gfile.GFile(url, 'rb') as source:
-        while chunk := source.read(_CHUNK):
-          written += out.write(chunk)
+  if not url.startswith(('http://', 'https://')):
+    from vit_jax import storage  # gs:// through gcsfs, a mirror directory through the OS (vit_jax/storage.py).
+    return storage.copy_to_local(url, dest, _CHUNK, announce)
+  import urllib.request
+  written = 0
+  with open(dest, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
+    length = response.headers.get('Content-Length')
+    expected = int(length) if length else None
+    announce(expected)
+    while chunk := response.read(_CHUNK):
+      written += out.write(chunk)
   return written, expected
 
 

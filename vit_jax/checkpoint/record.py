@@ -5,10 +5,11 @@ Reads and writes only these two files; the checkpoints are manager.py's.
 
 import datetime
 import json
-import os
 from typing import Any, Optional
 
 import ml_collections
+
+from vit_jax import storage
 
 
 def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -22,12 +23,11 @@ def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 
 def saved_config(workdir: str) -> Optional[dict]:
-  """The JSON form of `workdir/config.json`, or None when there is none."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  """The JSON form of `workdir/config.json`, or None when there is none (`workdir` may be a gs:// URL)."""
+  try:
+    return json.loads(storage.read_text(storage.join(workdir, 'config.json')))
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
     return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict,
@@ -50,13 +50,6 @@ def format_changes(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
   return ', '.join(shown)
 
 
-def _write_json(path: str, text: str) -> None:
-  """Writes `text` aside and renames it: a failed write keeps the previous file."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-
-
 def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
   """Keeps `workdir/config.json` the config that the run's checkpoints are trained with (process 0).
 
@@ -73,7 +66,6 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) ->
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     row = {'step': int(step), 'time': now,
            'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
-      f.write(json.dumps(row) + '\n')
-  _write_json(os.path.join(workdir, 'config.json'),
-              config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    storage.append_text(storage.join(workdir, 'config_history.jsonl'), json.dumps(row) + '\n')
+  # Atomic (storage.write_text): a failed write keeps the previous file.
+  storage.write_text(storage.join(workdir, 'config.json'), config.to_json_best_effort(indent=2, sort_keys=True) + '\n')

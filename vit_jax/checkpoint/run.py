@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.config.files import load_config, split_argument
 from vit_jax.config.sizes import image_hw
 from vit_jax.errors import UsageError
@@ -65,7 +66,7 @@ def select_checkpoint(workdir: str, step: Union[str, int] = 'latest',
   when it is older than the latest `config.keep_checkpoints`.
   """
   from vit_jax.checkpoint import faults
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  directory = storage.absolute(storage.join(workdir, 'checkpoints'))
   steps = sorted(faults.list_steps(directory, reader=True))  # Finished checkpoints only.
   if not steps:
     raise UsageError(f'Workdir {workdir!r} has no checkpoint in checkpoints/ yet; train until the first '
@@ -80,7 +81,7 @@ def select_checkpoint(workdir: str, step: Union[str, int] = 'latest',
     chosen = steps[-1]
   elif step == 'best':
     from vit_jax.checkpoint.manager import best_step
-    config = config if config is not None else load_config(os.path.join(workdir, 'config.json'))
+    config = config if config is not None else load_config(storage.join(workdir, 'config.json'))
     if not config.best_metric:
       raise UsageError(f"--step best: workdir {workdir!r} was trained with config.best_metric='', so it "
                        f'keeps no best checkpoint; use --step latest or one of the kept steps: {kept}.')
@@ -92,7 +93,7 @@ def select_checkpoint(workdir: str, step: Union[str, int] = 'latest',
     chosen = found
   else:
     raise UsageError(f"--step={step!r}: use 'latest', 'best' or a step number; kept steps: {kept}.")
-  return chosen, os.path.join(directory, str(chosen), 'default')
+  return chosen, storage.join(directory, str(chosen), 'default')
 
 
 def restore_params(path: str, abstract_params: Any, field: str = 'params') -> Any:
@@ -113,7 +114,7 @@ def restore_params(path: str, abstract_params: Any, field: str = 'params') -> An
           item={field: abstract_params}, restore_args={field: restore_args}, partial_restore=True))
   except Exception as e:  # Orbax raises many types, for damage, faults and mismatched files alike.
     from vit_jax.checkpoint import faults
-    step_dir = os.path.dirname(path)
+    step_dir = storage.dirname(path)
     unavailable = faults.unavailable_reason(e, step_dir)
     if unavailable:
       raise faults.unavailable_error(f'checkpoint {step_dir}', unavailable, reader=True) from None
@@ -134,18 +135,25 @@ def load_workdir(workdir: str, ema: bool = False, step: Union[str, int] = 'lates
   """
   from vit_jax.models import model_from_config
 
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir or ''):
+  storage.check_supported(workdir or '', '--workdir')
+  config_path = storage.join(workdir, 'config.json')
+  try:
+    found = storage.isdir(workdir or '.') and storage.isfile(config_path)
+    config = load_config(config_path) if found else None
+  except (UsageError, FileNotFoundError):
+    raise
+  except Exception as e:  # OSError locally; gcsfs' errors (HTTP 401/403, server down) in a bucket.
+    if storage.is_url(workdir):
+      raise UsageError(storage.bucket_error(workdir, '--workdir', e, reading=True)) from None
+    from vit_jax.checkpoint import faults
+    raise faults.unavailable_error(f'workdir {workdir!r}', f'{storage.describe_error(e)} on {config_path}',
+                                   reader=True) from None
+  if config is None and not storage.isdir(workdir or '.'):
     raise UsageError(f'Workdir {workdir!r} does not exist; pass the --workdir of a training run '
                      '(vit-jax train --config ... --workdir DIR).')
-  if not os.path.isfile(config_path):
+  if config is None:
     raise UsageError(f'No config.json in workdir {workdir!r}; pass the --workdir of a training run '
                      '(python -m vit_jax.main --config ... --workdir DIR).')
-  try:
-    config = load_config(config_path)
-  except OSError as e:
-    from vit_jax.checkpoint import faults
-    raise faults.unavailable_error(f'workdir {workdir!r}', f'{e.strerror} on {config_path}', reader=True) from None
   if ema and not config.ema.decay:
     raise UsageError(f'--ema: workdir {workdir!r} was trained without EMA (config.ema.decay=0), so its '
                      'checkpoints hold no averaged parameters; drop --ema, or train with '
@@ -175,7 +183,7 @@ def load_exported(npz_path: str, config_path: Optional[str] = None) -> Run:
   from vit_jax.models import model_from_config
 
   config_path = config_path or config_path_for(npz_path)
-  if not os.path.isfile(split_argument(config_path)[0]):  # configs/image_folder.py:PATH names a file too.
+  if not storage.isfile(split_argument(config_path)[0]):  # configs/image_folder.py:PATH names a file too.
     raise UsageError(f'No config for {npz_path!r}: {config_path!r} does not exist; pass --config with '
                      'the .json written by vit-jax export, a workdir config.json or a configs/*.py file '
                      '(for a published checkpoint: one whose model and dataset fit it).')
@@ -185,8 +193,7 @@ def load_exported(npz_path: str, config_path: Optional[str] = None) -> Run:
   params = jax.device_put(jax.tree.map(np.asarray, params), jax.local_devices()[0])
   names, step = None, None
   if config_path.endswith('.json'):
-    with open(config_path) as f:
-      meta: dict[str, Any] = json.load(f)
+    meta: dict[str, Any] = json.loads(storage.read_text(config_path))
     names, step = meta.get('class_names'), meta.get('step')
   return Run(config, model, params, names or class_names_of(config), step)
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from vit_jax import storage
 from vit_jax.config import defaults
 from vit_jax.errors import UsageError
 
@@ -31,8 +32,9 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def split_argument(path: str) -> tuple[str, Optional[str]]:
-  """(file, argument) of `FILE.py:ARG`, split at its first colon as ml_collections does; argument None if none."""
-  if os.path.isfile(path) or ':' not in path:
+  """(file, argument) of `FILE.py:ARG`, split at its first colon as ml_collections does; argument None if none
+  (a gs:// URL is a file, never split)."""
+  if storage.is_url(path) or os.path.isfile(path) or ':' not in path:
     return path, None
   file, argument = path.split(':', 1)
   return file, argument
@@ -110,8 +112,7 @@ SAVED_BEFORE_KEY_EXISTED = (('model', 'gelu', 'exact'),)
 
 def _from_json(file: str) -> ml_collections.ConfigDict:
   try:
-    with open(file) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(file))  # A workdir's config.json may be in a bucket.
   except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError.
     raise UsageError(f'Config file {file!r} is neither a .py file nor valid JSON ({_one_line(e, 120)}); '
                      f'pass {KINDS}.') from None
@@ -140,7 +141,10 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   their defaults. Raises UsageError, naming the file, for every bad file.
   """
   file, argument = split_argument(path)
-  if not os.path.isfile(file):
+  if storage.is_url(file):
+    if not storage.isfile(file):
+      raise UsageError(f'Config file {file!r} does not exist; pass {KINDS}.')
+  elif not os.path.isfile(file):
     raise _missing(file)
   if file.endswith('.py'):
     config = _from_python(file, argument)

@@ -36,6 +36,7 @@ from vit_jax.data import naflex
 from vit_jax.data import preprocess
 from vit_jax.data.builders import image_folder
 from vit_jax.data.builders.sklearn_digits import SklearnDigits
+from vit_jax import storage
 from vit_jax.errors import UsageError
 
 # Builders that vit_jax ships and prepares offline on first use.
@@ -68,6 +69,13 @@ def get_builder(dataset: ml_collections.ConfigDict, prepare: bool = True,
   it is indexed (and checked) instead, and None is returned.
   """
   name, data_dir = dataset.name, dataset.data_dir or None
+  if storage.is_url(data_dir):
+    # array_record (the random access this pipeline is built on) opens gs:// files through a client of its
+    # own that no setting points at a test server: an untested path, refused (docs/storage.md).
+    raise UsageError(f'config.dataset.data_dir={data_dir!r}: datasets in a bucket are not supported (their '
+                     'array_record files would be read through a client vit_jax cannot test); copy the prepared '
+                     f'dataset to local disk (gcloud storage cp -r {data_dir.rstrip("/")}/{name} DIR/) and set '
+                     'config.dataset.data_dir=DIR.')
   if name == IMAGE_FOLDER:
     image_folder.index_folder(dataset.folder, dataset.test_fraction)
     return None

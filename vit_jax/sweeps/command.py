@@ -38,6 +38,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     if args.parallel < 1:
       raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
+    if '://' in args.workdir:  # Trial logs are local files that the trial processes append to.
+      raise UsageError(f'--workdir {args.workdir}: a sweep folder must be a local path or a mounted shared '
+                       'file system (the trials append their logs to files there); URLs are not supported.')
     if args.executor == 'local':
       defaults = slurm.Options()._asdict()
       given = [f'--{name}' for name, value in slurm_options._asdict().items() if value != defaults[name]]

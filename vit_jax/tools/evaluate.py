@@ -31,6 +31,7 @@ from typing import Any, Optional
 from absl import app, flags
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.errors import UsageError
 from vit_jax.checkpoint.resize import at_patch_size
 from vit_jax.checkpoint.run import Run, define_run_flags, run_from_flags
@@ -199,18 +200,16 @@ def evaluate_run(run: Run, out_dir: str, num_confused: int = 16) -> dict[str, An
   report = summarize(predictions, run.class_names, num_confused)
   report.update(step=run.step, ema=run.ema, dataset=run.config.dataset.name,
                 split=run.config.dataset.eval_split, patch_size=run.model.patch_size)
-  os.makedirs(out_dir, exist_ok=True)
   matrix = report.pop('confusion_matrix')  # (classes, classes): an array file, not JSON, for 1000 classes.
-  np.save(os.path.join(out_dir, 'confusion_matrix.npy'), matrix)
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=1)
   where = {int(i): j for j, i in enumerate(predictions['mistake_indices'])}
   images = [predictions['mistakes'][where[m['index']]] for m in report['most_confident_mistakes']]
-  plot_confusion_matrix(matrix, run.class_names,
-                        os.path.join(out_dir, 'confusion_matrix.png'),
-                        f"{report['dataset']} {report['split']}: accuracy {report['accuracy']:.2%}")
-  plot_mistakes(np.asarray(images), report['most_confident_mistakes'],
-                os.path.join(out_dir, 'most_confused.png'))
+  with storage.staged_folder(out_dir) as folder:  # out_dir itself, or uploaded to a gs:// out_dir.
+    np.save(os.path.join(folder, 'confusion_matrix.npy'), matrix)
+    with open(os.path.join(folder, 'report.json'), 'w') as f:
+      json.dump(report, f, indent=1)
+    plot_confusion_matrix(matrix, run.class_names, os.path.join(folder, 'confusion_matrix.png'),
+                          f"{report['dataset']} {report['split']}: accuracy {report['accuracy']:.2%}")
+    plot_mistakes(np.asarray(images), report['most_confident_mistakes'], os.path.join(folder, 'most_confused.png'))
   return report
 
 
@@ -230,7 +229,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   try:
-    out_dir: Optional[str] = f.out_dir or (os.path.join(f.workdir, 'eval') if f.workdir else None)
+    out_dir: Optional[str] = f.out_dir or (storage.join(f.workdir, 'eval') if f.workdir else None)
     if out_dir is None:
       raise UsageError('With --checkpoint, name the output folder with --out_dir.')
     run = at_patch_size(run_from_flags(f.workdir, f.checkpoint, f.config, ema=f.ema, step=f.step),

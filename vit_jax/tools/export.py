@@ -16,12 +16,12 @@ batch size; --serving_input uint8 puts the eval preprocessing inside).
 """
 
 import json
-import os
 import sys
 
 
 from absl import app, flags
 
+from vit_jax import storage
 from vit_jax.errors import UsageError
 from vit_jax.checkpoint.resize import at_patch_size
 from vit_jax.checkpoint.run import Run, config_path_for, load_workdir
@@ -40,9 +40,7 @@ def export_run(run: Run, out: str) -> dict[str, str]:
   meta = {'config': json.loads(run.config.to_json_best_effort()), 'class_names': list(run.class_names),
           'step': run.step, 'ema': run.ema}
   json_path = config_path_for(out)
-  with open(json_path, 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-    f.write('\n')
+  storage.write_text(json_path, json.dumps(meta, indent=2, sort_keys=True) + '\n')  # Local or gs://.
   return {'npz': out, 'json': json_path}
 
 
@@ -71,6 +69,9 @@ def main(argv):
     run = at_patch_size(load_workdir(flags.FLAGS.workdir, ema=flags.FLAGS.ema, step=flags.FLAGS.step),
                         flags.FLAGS.patch_size)
     if flags.FLAGS.format == 'saved_model':
+      if storage.is_url(flags.FLAGS.out):  # TensorFlow would write it through its own GCS client.
+        raise UsageError(f'--out={flags.FLAGS.out}: a SavedModel is written to a local folder; export there '
+                         'and copy it (gcloud storage cp -r DIR gs://...).')
       from vit_jax.tools import saved_model
       out = saved_model.export_saved_model(run, flags.FLAGS.out, flags.FLAGS.serving_input)
       print(f'wrote SavedModel {out} (step {run.step}, {flags.FLAGS.serving_input} images)', flush=True)
@@ -79,6 +80,6 @@ def main(argv):
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  size = os.path.getsize(written['npz'])
+  size = storage.size(written['npz'])
   print(f"wrote {written['npz']} (step {run.step}{', EMA parameters' if run.ema else ''}, {size / 1e6:.1f} MB) "
         f"and {written['json']}", flush=True)

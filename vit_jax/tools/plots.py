@@ -7,14 +7,15 @@ accuracy, learning rate and throughput. One colour per workdir, so runs of
 an ablation can be compared in one picture. Works on a run still in progress.
 """
 
+import io
 import json
-import os
 import sys
 from typing import Sequence
 
 from absl import flags
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.errors import UsageError
 
 # (metric key, panel title); the loss panel also draws eval/loss.
@@ -24,12 +25,13 @@ PANELS = (('train/loss', 'loss (train solid, eval dashed)'), ('eval/accuracy', '
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of `workdir/metrics.jsonl`. A half-written last line (a live run) is skipped."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  path = storage.join(workdir, 'metrics.jsonl')  # A local or gs:// workdir.
+  try:
+    text = storage.read_text(path)
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
     raise UsageError(f'No metrics.jsonl in {workdir!r}; pass workdirs of training runs '
-                     '(python -m vit_jax.main --workdir DIR writes it).')
-  with open(path) as f:
-    lines = [line for line in f.read().split('\n') if line.strip()]
+                     '(python -m vit_jax.main --workdir DIR writes it).') from None
+  lines = [line for line in text.split('\n') if line.strip()]
   rows = []
   for i, line in enumerate(lines):
     try:
@@ -49,8 +51,8 @@ def series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def run_labels(workdirs: Sequence[str]) -> list[str]:
   """Short legend names: the folder names, or the full paths when folder names repeat."""
-  names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
-  return names if len(set(names)) == len(names) else [os.path.normpath(w) for w in workdirs]
+  names = [storage.basename(w) for w in workdirs]
+  return names if len(set(names)) == len(names) else [str(w).rstrip('/') for w in workdirs]
 
 
 def plot_curves(workdirs: Sequence[str], out: str) -> None:
@@ -82,9 +84,10 @@ def plot_curves(workdirs: Sequence[str], out: str) -> None:
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=80)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=80)
   plt.close(fig)
+  storage.write_bytes(out, buffer.getvalue())  # A local path or a gs:// URL.
 
 
 def define_flags() -> None:

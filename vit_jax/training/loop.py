@@ -1,7 +1,6 @@
 """The training loop: `train_and_evaluate(config, workdir)`, with evaluation and checkpoints."""
 
 import math
-import os
 import sys
 
 import jax
@@ -11,6 +10,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from vit_jax import checkpoint
+from vit_jax import storage
 from vit_jax.cpu import scheduler
 from vit_jax.data import pipeline
 from vit_jax.training import fewshot
@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # A new run builds its state (and reads any pretrained file) before it
   # writes anything, so a bad config.init.path leaves no trace.
   state = None if checkpoint.has_checkpoints(workdir) else fresh_state()
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   manager = checkpoint.create_manager(workdir, config)
   if state is None:
     state = checkpoint.restore_latest(manager, sharding.placed(run.abstract_state, run.state_sharding),
