@@ -159,6 +159,8 @@ class Session:
 
   def cannot_run(self, name: str, args: list[str], parsed: dict) -> str:
     """Why the command cannot run here ('' if it can): a GPU, a cluster, a download, minutes."""
+    if any('://' in arg for arg in args):  # gs://, s3://, https://: tests/test_storage.py runs them locally.
+      return 'reaches cloud storage or the internet (a URL)'
     if name in MEASURING:
       return f'measures full-size models; {MEASURING[name]} runs it small'
     if name == 'summary':
