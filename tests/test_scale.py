@@ -143,7 +143,8 @@ def test_two_processes_of_four_devices_equal_one_device(config, one_device_run, 
        f'--config.dataset.data_dir={config.dataset.data_dir}', '--config.batch_size=32',
        '--config.optimizer.warmup_steps=1', '--config.optimizer.name=sgd', '--config.optimizer.learning_rate=0.1', f'--config.total_steps={STEPS}', '--config.log_every_steps=1',
        '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
-       '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)],
+       '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i),
+       '--verbose'],  # JAX's compile log lines on the console (vit_jax/console.py).
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (stdout, stderr) in zip(processes, outputs):
