@@ -4,7 +4,7 @@ The model computes self-attention with `explicit_attention` (plain XLA ops,
 differentiable in both modes) unless it is given another function of the
 same signature: `cudnn_attention` (cuDNN's flash attention through
 `jax.nn.dot_product_attention`, the sequence padded to a length cuDNN takes)
-or the CPU train step's rule in vit_jax/cpu/kernels.py. Which one runs is
+or a rule the CPU train step injects. Which one runs is
 decided by the training side (vit_jax/training/platform.py) before the model
 is applied (`vit_jax.training.platform.cudnn_length` asks JAX itself whether
 cuDNN takes the operands).
