@@ -196,6 +196,8 @@ def launch_bad(workdir, data_dir, *overrides, prefix=()):
                                              '--config.total_steps=6', *overrides)],
                           cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  if len(errors) != 1:  # What the process printed instead, for the assertion's message.
+    errors.append(f'(stdout ends: {result.stdout[-1500:]!r}; stderr ends: {result.stderr[-1500:]!r})')
   return result.returncode, errors
 
 

@@ -16,10 +16,12 @@ PACKAGE = os.path.join(REPO, 'vit_jax')
 UPPER = ('vit_jax.training', 'vit_jax.tools', 'vit_jax.bench', 'vit_jax.sweeps', 'vit_jax.cli', 'vit_jax.main',
          'vit_jax.checkpoint')
 FORBIDDEN = {
-    # The model is plain JAX: the CPU speed rules (vit_jax.cpu) are injected by the training side.
-    'vit_jax.models': UPPER + ('vit_jax.cpu',),
+    # The model is plain JAX: the CPU rules (vit_jax.cpu) and cuDNN's attention (vit_jax.gpu) are injected
+    # by the training side.
+    'vit_jax.models': UPPER + ('vit_jax.cpu', 'vit_jax.gpu'),
     'vit_jax.data': UPPER,
     'vit_jax.cpu': UPPER,
+    'vit_jax.gpu': UPPER + ('vit_jax.models',),
     'vit_jax.training': ('vit_jax.tools', 'vit_jax.bench', 'vit_jax.sweeps', 'vit_jax.cli', 'vit_jax.main'),
 }
 # What TensorFlow's C++ start-up prints unless vit_jax.cli keeps it off the console.

@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vit_jax.config import defaults
-from vit_jax.models import attention
+from vit_jax.gpu import cudnn
 from vit_jax.training import platform, setup, sharding
 
 BATCH = 8
@@ -82,7 +82,7 @@ def test_bf16_train_step_lowers_for_cuda_with_cudnn_attention_and_no_square_tens
 
   # One device's attention, forward and backward: cuDNN's custom calls.
   local = jax.ShapeDtypeStruct((1, tokens, 12, 64), jnp.bfloat16)
-  loss = lambda q, k, v: attention.cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()  # noqa: E731
+  loss = lambda q, k, v: cudnn.cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()  # noqa: E731
   device_text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(local, local, local).lower(
       lowering_platforms=('cuda',)).as_text()
   assert 'custom_call @__cudnn$fmhaSoftmax(' in device_text

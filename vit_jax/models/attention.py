@@ -1,13 +1,10 @@
-"""Attention functions of the encoder, and what JAX's cuDNN path takes.
+"""Attention functions of the encoder: plain XLA ops, differentiable in both modes.
 
-The model computes self-attention with `explicit_attention` (plain XLA ops,
-differentiable in both modes) unless it is given another function of the
-same signature: `cudnn_attention` (cuDNN's flash attention through
-`jax.nn.dot_product_attention`, the sequence padded to a length cuDNN takes)
-or a rule the CPU train step injects. Which one runs is
-decided by the training side (vit_jax/training/platform.py) before the model
-is applied (`vit_jax.training.platform.cudnn_length` asks JAX itself whether
-cuDNN takes the operands).
+The model computes self-attention with `explicit_attention` unless it is
+given another function of the same signature: cuDNN's flash attention
+(vit_jax/gpu/cudnn.py) or a rule the CPU train step injects
+(vit_jax/cpu/kernels.py). Which one runs is decided by the training side
+(vit_jax/training/platform.py) before the model is applied.
 The Flax module that uses them is `vit_jax.models.layers.MultiHeadDotProductAttention`.
 """
 
@@ -65,25 +62,3 @@ def explicit_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] = 
   `lengths` as `reference_attention`'s."""
   to_heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (batch, heads, tokens, head_dim)
   return to_heads(head_major_attention(to_heads(q), to_heads(k), to_heads(v), lengths)[0])
-
-
-def cudnn_attention(q: Array, k: Array, v: Array, *, length: Optional[int] = None,
-                    lengths: Optional[Array] = None) -> Array:
-  """cuDNN flash attention for (batch, tokens, heads, head_dim) self-attention operands.
-
-  With `length` above the token count, the sequence is zero-padded to it and
-  the padding masked (`query_seq_lengths` / `key_value_seq_lengths`): JAX's
-  cuDNN path refuses some lengths in training (odd ones: the 197 tokens of a
-  ViT with a class token), and masked padding computes the same function.
-  `lengths` (batch,): real tokens per sequence (NaFlex padding), masked the same way.
-  Only traceable where JAX's CUDA plugin is installed.
-  """
-  tokens = q.shape[1]
-  if lengths is None and (length is None or length == tokens):
-    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
-  length = max(length or tokens, tokens)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, length - tokens), (0, 0), (0, 0)))  # noqa: E731
-  lengths = jnp.full((q.shape[0],), tokens, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths, implementation='cudnn')
-  return out[:, :tokens]

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from vit_jax.config.sizes import image_hw
 from vit_jax.cpu import kernels
-from vit_jax.models import attention
+from vit_jax.gpu import cudnn
 from vit_jax.models.vit import VisionTransformer
 
 # The CPU train step's rules (vit_jax/cpu/kernels.py): 'dense_backward' (the
@@ -63,7 +63,7 @@ def _cudnn_refusal(tokens: int, heads: int, head_dim: int, dtype: str, length: i
   spec = jax.ShapeDtypeStruct((1, tokens, heads, head_dim), jnp.dtype(dtype))
 
   def loss(q, k, v):
-    return attention.cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()
+    return cudnn.cudnn_attention(q, k, v, length=length).astype(jnp.float32).sum()
   try:
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(lowering_platforms=('cuda',))
   except Exception as e:  # noqa: BLE001  JAX raises NotImplementedError, RuntimeError, ValueError...
@@ -127,7 +127,7 @@ def attention_choice(model: VisionTransformer, config: ml_collections.ConfigDict
 @functools.lru_cache(maxsize=None)
 def _cudnn_at(length: int) -> Callable:
   """`cudnn_attention` at one padded length; cached, so equal choices give the same function."""
-  return functools.partial(attention.cudnn_attention, length=length)
+  return functools.partial(cudnn.cudnn_attention, length=length)
 
 
 def platform_model(model: VisionTransformer, config: ml_collections.ConfigDict, platform: str,
