@@ -6,9 +6,8 @@ Each training image keeps a random (1 - rate) of its 16 patch tokens (the
 class token always); evaluation keeps all. PatchDropout reports that dropping
 about half of the tokens costs little accuracy and saves compute in
 proportion. Here: the quickstart ViT shortened to 200 steps (50 warm-up), rates 0, 0.25,
-0.5 and 0.75, one seed: 4 trials. img/s (train/images_per_sec at the last
-step, from each trial's metrics.jsonl) was measured with two trials running
-at once on a shared machine.
+0.5 and 0.75, one seed: 4 trials. Their training speed is measured apart,
+the four train steps side by side in one process: experiments/patch_dropout/speed.py.
 """
 
 BASE_CONFIG = 'configs/quickstart.py'
