@@ -158,6 +158,16 @@ def resolve(spec: str) -> Resolved:
       '(docs/transfer.md lists them).')
 
 
+def check_source(spec: str, what: str) -> None:
+  """UsageError, before any work, for a checkpoint `spec` that could never be read: a URL of a scheme
+  that downloads cannot read (s3://...), or a name or URL to download into a cache root of one."""
+  path, _ = split_key(spec)
+  if _URL.match(path):
+    _check_source(path, what)
+  if not os.path.exists(os.path.expanduser(path)):
+    cache_dir()
+
+
 def fetch(spec: str) -> tuple[str, str]:
   """(local file, sub-tree key) of checkpoint `spec`: a local path as is, anything remote from the cache.
 
