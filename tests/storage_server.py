@@ -11,7 +11,8 @@ pointed at a closed local port.
 
 The emulator (gcp-storage-emulator, in the server's process) speaks GCS's JSON API, but ignores the
 generation preconditions (`ifGenerationMatch`, `ifGenerationNotMatch`) and names no generation on a
-download, both of which tensorstore relies on: the front checks the preconditions against the object's
+download, both of which tensorstore relies on (and gcsfs' exclusive create, `mode='create'`, the
+checkpoint cache's lock in a bucket): the front checks the preconditions against the object's
 metadata and adds the `x-goog-generation` header, as GCS does. The emulator models neither credentials
 nor permissions nor outages either; the front adds those, as GCS answers them, switched by
 `POST /_control` with a JSON body:
@@ -29,6 +30,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,7 +105,7 @@ class _Front(http.server.BaseHTTPRequestHandler):
     return parts[parts.index('b') + 1] if 'b' in parts[:-1] else ''
 
   def _handle(self) -> None:
-    body = self._body()
+    body = self.body = self._body()
     if self.path.startswith('/_control'):
       with self.lock:
         self.state.update(json.loads(body or b'{}'))
@@ -154,6 +156,9 @@ class _Front(http.server.BaseHTTPRequestHandler):
     if 'o' in parts and 'b' in parts and parts.index('o') + 1 < len(parts):
       return parts[parts.index('b') + 1], '/'.join(parts[parts.index('o') + 1:])
     name = urllib.parse.parse_qs(query).get('name')
+    if path.startswith('/upload/') and not name:  # A multipart upload names its object in the JSON part.
+      found = re.search(rb'\{"name": ("(?:[^"\\]|\\.)*")', self.body[:4096])
+      name = [json.loads(found.group(1))] if found else None
     if path.startswith('/upload/') and name:
       return parts[parts.index('b') + 1], urllib.parse.quote(name[0], safe='')
     return None

@@ -8,6 +8,8 @@ in this process, under a guard that fails the test if a local-only file call get
 """
 
 import contextlib
+import csv
+import io
 import json
 import os
 import signal
@@ -173,13 +175,17 @@ def metric_rows(text):
   return [{k: v for k, v in row.items() if k != 'train/images_per_sec'} for row in rows]
 
 
-def kill_after(process, step, lines):
-  """Reads `process`'s output into `lines` and sends it SIGKILL once it reports a step >= `step`."""
+def kill_after(process, step, lines, training):
+  """Reads `process`'s output into `lines`, sets the event `training` at its first step (its programs are
+  compiled, and in the compilation cache) and sends it SIGKILL once it reports a step >= `step`."""
   for line in process.stdout:
     lines.append(line)
-    if line.startswith('step ') and int(line.split()[1].split('/')[0]) >= step:
-      process.send_signal(signal.SIGKILL)
-      break
+    if line.startswith('step '):
+      training.set()
+      if int(line.split()[1].split('/')[0]) >= step:
+        process.send_signal(signal.SIGKILL)
+        break
+  training.set()
   process.communicate()
 
 
@@ -187,16 +193,19 @@ def kill_after(process, step, lines):
 def bucket_run(gcs, data_dir, tmp_path_factory):
   """The quickstart run trained into gs://BUCKET/run by the launcher, SIGKILLed after step 7, left with a
   step folder that a save cut short would leave, and resumed to the end in this process under the guard;
-  beside it, the same run on local disk. Returns (URL, local workdir, the resumed run's result)."""
+  beside it, the same run on local disk. Returns (URL, local workdir, the resumed run's result).
+
+  The local run starts once the launcher trains, so that it finds the train step in the compilation
+  cache instead of compiling it a second time at the same moment."""
   from vit_jax.checkpoint import faults
-  from vit_jax import cli
   url, local = f'gs://{BUCKET}/run', tmp_path_factory.mktemp('local') / 'run'
   killed = subprocess.Popen(launcher(url, data_dir), cwd=REPO, env=launcher_env(gcs), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-  lines = []
-  watcher = threading.Thread(target=kill_after, args=(killed, 7, lines))
+  lines, training = [], threading.Event()
+  watcher = threading.Thread(target=kill_after, args=(killed, 7, lines, training))
   watcher.start()
   try:
+    training.wait(timeout=300)
     reference = run_in_process('train', *FLAGS, '--workdir', str(local), f'--config.dataset.data_dir={data_dir}')
   finally:
     watcher.join(timeout=300)
@@ -305,7 +314,7 @@ def test_a_published_name_downloads_from_the_bucket_into_the_cache(bucket_run, t
 def test_two_processes_write_one_checkpoint_that_one_process_restores(gcs, data_dir):
   url = f'gs://{BUCKET}/two'
   port = free_port()
-  env = launcher_env(gcs, devices=4)
+  env = launcher_env(gcs, devices=1)  # One device per process: what matters is that there are two.
   processes = [subprocess.Popen(
       launcher(url, data_dir, '--config.total_steps=3', '--coordinator_address', f'127.0.0.1:{port}',
                '--num_processes', '2', '--process_id', str(i)),
@@ -332,7 +341,7 @@ def test_a_damaged_checkpoint_in_the_bucket_is_set_aside(bucket_run, gcs, run_co
       fs.pipe(name, b'garbage')
   before = objects(f'{copy}/checkpoints/9')
   with no_local_file_calls_on_urls():
-    result = run_command('train', *FLAGS, '--workdir', copy, f'--config.total_steps={TOTAL_STEPS + 3}')
+    result = run_command('train', *FLAGS, '--workdir', copy)  # The same programs as the run: compiled already.
   assert result.returncode == 0, result.stderr
   assert f'Checkpoint at step {TOTAL_STEPS} is damaged' in result.stdout
   assert 'Resuming from the checkpoint at step 9' in result.stdout
@@ -413,3 +422,130 @@ def test_a_write_refused_during_a_save_stops_the_run_and_keeps_the_checkpoints(g
   assert resumed.returncode == 0, resumed.stderr
   assert 'Resuming from the checkpoint at step 3' in resumed.stdout
   assert objects(f'{url}/checkpoints/3') == before  # Kept (keep_checkpoints=2), untouched.
+
+
+def test_a_cache_in_the_bucket_downloads_once_and_checks_the_size(bucket_run, monkeypatch, tmp_path):
+  """$VIT_JAX_CACHE=gs://...: several fetchers at once download once (the lock is an object), the file
+  appears whole, a lock its holder left behind (killed) is taken over, a short download is not kept."""
+  import threading
+  import time
+  url, local, _ = bucket_run
+  from vit_jax import storage
+  from vit_jax.checkpoint import published, run as run_lib, save_npz
+  from vit_jax.checkpoint.npz import flatten_params, load_npz
+  for name in (published.ROOT_ENV, published.BIG_VISION_ROOT_ENV):
+    monkeypatch.delenv(name, raising=False)
+  cache = f'gs://{BUCKET}/cache'
+  monkeypatch.setenv(published.CACHE_ENV, cache)
+  params = run_lib.load_workdir(str(local)).params
+  for name in ('cached', 'short', 'stale'):
+    save_npz(params, f'gs://vit_models/imagenet21k/ViT-{name}.npz')
+  copies, real = [], published._copy
+
+  def slow(source, dest):  # A slow network: the other fetchers arrive while the first one copies.
+    copies.append(source)
+    time.sleep(0.3)
+    return real(source, dest)
+  monkeypatch.setattr(published, '_copy', slow)
+  results = []
+  with no_local_file_calls_on_urls():
+    threads = [threading.Thread(target=lambda: results.append(published.fetch('imagenet21k/ViT-cached')))
+               for _ in range(3)]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join()
+    cached = f'{cache}/vit_models/imagenet21k/ViT-cached.npz'
+    assert results == [(cached, '')] * 3
+    assert copies == ['gs://vit_models/imagenet21k/ViT-cached.npz']  # One download.
+    assert storage.read_bytes(cached) == storage.read_bytes('gs://vit_models/imagenet21k/ViT-cached.npz')
+    loaded = flatten_params(load_npz('imagenet21k/ViT-cached'))  # Read from the bucket's cache.
+  assert loaded.keys() == flatten_params(params).keys()
+  folder = f'{cache}/vit_models/imagenet21k'
+  assert list(objects(folder)) == [cached[len('gs://'):]]  # No lock, no temporary object.
+
+  def short(source, dest):  # The real copy, reported one byte short (a connection cut at the end).
+    written, expected = real(source, dest)
+    return written - 1, expected
+  monkeypatch.setattr(published, '_copy', short)
+  with pytest.raises(Exception, match=r'stopped after \d+ of \d+ bytes; run again') as error:
+    published.fetch('imagenet21k/ViT-short')
+  assert '\n' not in str(error.value) and list(objects(folder)) == [cached[len('gs://'):]]  # Nothing kept.
+
+  # A lock object that a killed holder left: no one rewrites it, so after LOCK_STALE_S a fetcher takes over.
+  monkeypatch.setattr(published, '_copy', real)
+  monkeypatch.setattr(storage, 'LOCK_STALE_S', 1.0)
+  stale = f'{cache}/vit_models/imagenet21k/ViT-stale.npz'
+  storage.write_text(stale + '.lock', '{"host": "gone", "pid": 1}')
+  assert published.fetch('imagenet21k/ViT-stale') == (stale, '')
+  assert sorted(objects(folder)) == sorted(name[len('gs://'):] for name in (cached, stale))  # Lock deleted.
+
+
+# Two seeds of one point: the trials' launchers compile the same programs, the second one reads them
+# from the compilation cache.
+SWEEP = '''
+BASE_CONFIG = 'configs/quickstart.py'
+OVERRIDES = {overrides!r}
+GRID = {{'model.pool': ['gap']}}
+SEEDS = 2
+'''
+
+
+def test_a_sweep_in_the_bucket_reports_and_reruns_only_missing_trials(gcs, data_dir, tmp_path, run_command,
+                                                                       monkeypatch):
+  """`vit-jax sweep FILE --workdir gs://...`: trial workdirs, done files, logs and the report in the bucket;
+  the same command again runs only the trial that had not finished."""
+  from vit_jax import storage
+  from vit_jax.sweeps import sweep as sweep_lib
+  overrides = {flag.split('=')[0][len('--config.'):]: flag.split('=')[1] for flag in FLAGS[2:]}
+  overrides = {key: int(value) if value.isdigit() else value for key, value in overrides.items()}
+  overrides.update({'total_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
+                    'dataset.data_dir': data_dir})
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(SWEEP.format(overrides=overrides))
+  url = f'gs://{BUCKET}/sweep'
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv('XLA_FLAGS', xla_flags(1))  # The trials' launchers: one device each start faster.
+  trials = sweep_lib.load_sweep(str(sweep_file)).trials
+  with no_local_file_calls_on_urls():
+    first = run_command('sweep', str(sweep_file), '--workdir', url, '--trial', '0')
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    done = objects(f'{url}/{trials[0].name}/{sweep_lib.DONE_FILE}')
+    assert done and not objects(f'{url}/{trials[1].name}/{sweep_lib.DONE_FILE}')
+    again = run_command('sweep', str(sweep_file), '--workdir', url)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    plan = run_command('sweep', str(sweep_file), '--workdir', url, '--plan')
+  assert '2 trials: 1 already finished (skipped), 1 to run' in again.stdout
+  assert objects(f'{url}/{trials[0].name}/{sweep_lib.DONE_FILE}') == done  # Not run again.
+  assert storage.read_text(f'{url}/{trials[0].name}/{sweep_lib.ATTEMPTS_FILE}').count('\n') == 1
+  for trial in trials:
+    assert f'  {trial.name}  [finished]' in plan.stdout
+    assert 'step 2/2' in storage.read_text(f'{url}/{trial.name}/{sweep_lib.STDOUT_FILE}')
+  rows = list(csv.DictReader(io.StringIO(storage.read_text(f'{url}/results.csv'))))
+  assert [(row['model.pool'], row['seeds']) for row in rows] == [('gap', '2')]
+  assert all(0 <= float(value) <= 1 for value in rows[0]['eval/accuracy per seed'].split(';'))
+  assert storage.read_text(f'{url}/results.md') in again.stdout
+  assert storage.read_bytes(f'{url}/curves.png')[:4] == b'\x89PNG'
+
+
+def test_s3_and_other_schemes_are_one_line_before_any_work(data_dir, run_command, monkeypatch, tmp_path):
+  """orbax-checkpoint writes arrays only to gs:// (docs/storage.md): an s3:// path anywhere is refused."""
+  from vit_jax.checkpoint import published
+  sweep_file = tmp_path / 'tiny.py'
+  sweep_file.write_text(SWEEP.format(overrides={'total_steps': 2}))
+  monkeypatch.chdir(REPO)
+  train = ('train', *FLAGS, f'--config.dataset.data_dir={data_dir}')
+  results = {
+      'workdir': run_command(*train, '--workdir', 's3://bucket/run'),
+      'init': run_command(*train, '--workdir', str(tmp_path / 'run'), '--config.init.path=s3://bucket/x.npz'),
+      'sweep': run_command('sweep', str(sweep_file), '--workdir', 's3://bucket/sweep'),
+  }
+  monkeypatch.setenv(published.CACHE_ENV, 's3://bucket/cache')
+  results['cache'] = run_command(*train, '--workdir', str(tmp_path / 'cached'),
+                                 '--config.init.path=imagenet21k/ViT-tiny')
+  for case, result in results.items():
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert result.returncode == 2 and len(errors) == 1, (case, result.stderr[-2000:])
+    assert 's3:// is not supported, only local paths and gs://BUCKET/... URLs' in errors[0], (case, errors)
+    assert 'Model ' not in result.stdout, case
+  assert not (tmp_path / 'run').exists() and not os.path.exists('s3:')

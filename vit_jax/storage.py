@@ -37,11 +37,18 @@ def is_url(path: Any) -> bool:
   return path is not None and str(path).startswith(URL_SCHEMES)
 
 
-def check_supported(path: str, what: str) -> None:
-  """UsageError for a URL of a scheme that workdirs do not support (s3://, https://, ...)."""
-  if _ANY_URL.match(str(path)) and not is_url(path):
-    raise UsageError(f'{what}={path!r}: only local paths and gs://BUCKET/... URLs are supported here (orbax '
-                     'writes arrays to gs:// through tensorstore; other schemes are not wired).')
+def check_supported(path: Any, what: str = 'path') -> None:
+  """UsageError for a URL of a scheme that runs cannot use (s3://, https://, ...): only gs:// is wired.
+
+  s3:// is refused because orbax-checkpoint (0.12) builds tensorstore specs for gs:// only (any other
+  URL becomes a relative local path) and makes a save atomic without a rename (commit_success.txt) only
+  on GCS; tensorstore's own s3 driver warns that S3 lacks the atomic writes it relies on."""
+  text = str(path)
+  if _ANY_URL.match(text) and not is_url(text):
+    scheme = text.split('://', 1)[0]
+    raise UsageError(f'{what}={text}: {scheme}:// is not supported, only local paths and gs://BUCKET/... '
+                     'URLs: orbax-checkpoint writes arrays (through tensorstore) and commits a save without '
+                     'a rename only on gs://; use a gs:// bucket or a local (or shared file system) path.')
 
 
 _configured = False
@@ -67,10 +74,12 @@ def _use_gcsfs() -> None:
 
 
 def path(p: Any):
-  """`p` as an `epath.Path` (gs:// through gcsfs)."""
+  """`p` as an `epath.Path` (gs:// through gcsfs); UsageError for another scheme (check_supported)."""
   from etils import epath
   if is_url(p):
     _use_gcsfs()
+  else:
+    check_supported(p)
   return epath.Path(p)
 
 
@@ -110,6 +119,7 @@ def isfile(p: str) -> bool:
 def listdir(p: str) -> list[str]:
   """Names in folder `p` (FileNotFoundError when it does not exist; for a URL: holds no object)."""
   if not is_url(p):
+    check_supported(p)
     return os.listdir(p)
   folder = path(p)
   if not folder.is_dir():
@@ -126,6 +136,7 @@ def list_files(url: str) -> list[str]:
 def makedirs(p: str) -> None:
   """Creates folder `p` and its parents; nothing to do in a bucket, where folders are name prefixes."""
   if not is_url(p):
+    check_supported(p)
     os.makedirs(p, exist_ok=True)
 
 
@@ -149,6 +160,7 @@ def write_text(p: str, text: str) -> None:
   if is_url(p):
     path(p).write_text(text)
     return
+  check_supported(p)
   with open(p + '.tmp', 'w') as f:
     f.write(text)
   os.replace(p + '.tmp', p)
@@ -159,6 +171,7 @@ def write_bytes(p: str, data: bytes) -> None:
   if is_url(p):
     path(p).write_bytes(data)
     return
+  check_supported(p)
   os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
   with open(p + '.tmp', 'wb') as f:
     f.write(data)
@@ -168,6 +181,7 @@ def write_bytes(p: str, data: bytes) -> None:
 def append_text(p: str, text: str) -> None:
   """Adds `text` at the end of `p`: an append locally, a rewrite of the whole object in a bucket."""
   if not is_url(p):
+    check_supported(p)
     with open(p, 'a') as f:
       f.write(text)
     return
@@ -210,6 +224,67 @@ def _filesystem(url: str):
   _use_gcsfs()
   import fsspec
   return fsspec.filesystem('gcs', finalize_on_close=True)
+
+
+LOCK_STALE_S = 120.0  # A lock object that no one rewrote for this long was left by a process that died.
+
+
+@contextlib.contextmanager
+def object_lock(url: str, poll_s: float = 0.5) -> Iterator[None]:
+  """Holds the object `url` as a lock between processes and hosts while the block runs.
+
+  The object is created only where absent (a generation precondition: one creator wins), rewritten
+  every LOCK_STALE_S / 4 seconds while held and deleted on exit. A waiter takes over a lock that no
+  one rewrote for LOCK_STALE_S seconds of its own clock: the kernel releases a dead process's file
+  lock, but nothing releases an object.
+  """
+  import json
+  import socket
+  import threading
+  import time
+  fs = _filesystem(url)
+  bucket, key = split_url(url)
+
+  def stamp() -> bytes:
+    return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+  seen, since = None, time.monotonic()
+  while True:
+    try:
+      fs.pipe_file(url, stamp(), mode='create')
+      break
+    except FileExistsError:  # 412: another process holds it.
+      pass
+    try:
+      generation = fs.info(url)['generation']
+    except FileNotFoundError:
+      continue  # Released meanwhile: try again at once.
+    if generation != seen:
+      seen, since = generation, time.monotonic()
+    elif time.monotonic() - since > LOCK_STALE_S:
+      try:  # Only that stale generation: a waiter that took over first keeps its new lock.
+        fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(generation))
+      except (FileNotFoundError, FileExistsError):
+        pass
+      continue
+    time.sleep(poll_s)
+  stop = threading.Event()
+
+  def refresh() -> None:
+    while not stop.wait(LOCK_STALE_S / 4):
+      fs.pipe_file(url, stamp())
+  refresher = threading.Thread(target=refresh, daemon=True)
+  refresher.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    refresher.join()
+    fs.rm_file(url)
+
+
+def upload(local: str, url: str) -> None:
+  """Copies the local file `local` to `url` (one object, which appears whole or not at all)."""
+  _filesystem(url).put_file(local, url)
 
 
 def copy_to_local(url: str, dest: str, chunk: int = 16 << 20, announce=None) -> tuple[int, Optional[int]]:
@@ -304,6 +379,7 @@ def staged_folder(folder: str) -> Iterator[str]:
   """A local folder to write `folder`'s files into: `folder` itself when local (created); for a URL a
   temporary folder whose files are uploaded into `folder` when the block ends without an error."""
   if not is_url(folder):
+    check_supported(folder)
     os.makedirs(folder, exist_ok=True)
     yield folder
     return

@@ -109,11 +109,13 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-  if not os.path.isfile(path):
+  """The arrays of the .npz file `path` (a local file, or a gs:// URL: a checkpoint cache in a bucket)."""
+  if not storage.isfile(path):
     raise UsageError(f'Checkpoint file {path!r} does not exist; give the path of a .npz file '
                      '(original ViT/AugReg or big_vision layout), e.g. --config.init.path=PATH.')
   try:
-    with np.load(path, allow_pickle=False) as data:
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+    with np.load(source, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
   except (ValueError, OSError) as e:
     raise UsageError(f'Cannot read {path!r} as a .npz checkpoint ({e}); give a file written by '

@@ -25,20 +25,27 @@ $VIT_JAX_CACHE (default ~/.cache/vit_jax/checkpoints), one per file even when
 several processes start at once: under a lock file, into a temporary name,
 checked against the remote size, then renamed into place.
 
+$VIT_JAX_CACHE may be a gs:// URL (a cache that the hosts of a pod share):
+there the lock is an object created only where absent (storage.object_lock),
+the file is downloaded to a local temporary file, checked against the remote
+size, and uploaded as one object, which appears whole or not at all.
+
 gs:// URLs are read through vit_jax/storage.py (gcsfs, pointed at a local
-server by STORAGE_EMULATOR_HOST in the tests); no TensorFlow is needed. The
-cache itself is a local directory (its lock is a local file lock).
+server by STORAGE_EMULATOR_HOST in the tests); no TensorFlow is needed.
 """
 
 import csv
 import dataclasses
 import fcntl
 import os
+import io
 import re
 import sys
+import tempfile
 import threading
 from typing import Optional
 
+from vit_jax import storage
 from vit_jax.errors import UsageError
 
 ROOT_ENV, BIG_VISION_ROOT_ENV, CACHE_ENV = 'VIT_JAX_CHECKPOINT_ROOT', 'VIT_JAX_BIG_VISION_ROOT', 'VIT_JAX_CACHE'
@@ -93,14 +100,23 @@ def split_key(spec: str) -> tuple[str, str]:
 
 
 def cache_dir() -> str:
-  """$VIT_JAX_CACHE, or ~/.cache/vit_jax/checkpoints."""
-  return os.path.abspath(os.path.expanduser(
-      os.environ.get(CACHE_ENV) or os.path.join('~', '.cache', 'vit_jax', 'checkpoints')))
+  """$VIT_JAX_CACHE (a local folder or a gs:// URL), or ~/.cache/vit_jax/checkpoints."""
+  root = os.environ.get(CACHE_ENV) or os.path.join('~', '.cache', 'vit_jax', 'checkpoints')
+  storage.check_supported(root, f'${CACHE_ENV}')
+  return storage.absolute(root) if storage.is_url(root) else os.path.abspath(os.path.expanduser(root))
+
+
+def _check_source(url: str, what: str) -> None:
+  """UsageError for a URL that downloads cannot read: neither gs:// nor http(s)://."""
+  if not url.startswith(('http://', 'https://')):
+    storage.check_supported(url, what)
 
 
 def bucket_root(bucket: str) -> str:
   """The root standing for gs://BUCKET: its override from the environment, or the bucket itself."""
-  return (os.environ.get(BUCKETS[bucket]) or f'gs://{bucket}').rstrip('/')
+  root = (os.environ.get(BUCKETS[bucket]) or f'gs://{bucket}').rstrip('/')
+  _check_source(root, f'${BUCKETS[bucket]}')
+  return root
 
 
 def _join(root: str, relative: str) -> str:
@@ -108,7 +124,7 @@ def _join(root: str, relative: str) -> str:
 
 
 def _in_bucket(spec: str, bucket: str, relative: str, key: str = '') -> Resolved:
-  return Resolved(spec, _join(bucket_root(bucket), relative), os.path.join(cache_dir(), bucket, relative),
+  return Resolved(spec, _join(bucket_root(bucket), relative), storage.join(cache_dir(), bucket, relative),
                   key, hint=f'{BUCKETS[bucket]} to a directory holding {relative}')
 
 
@@ -123,8 +139,9 @@ def resolve(spec: str) -> Resolved:
     bucket, relative, key = BIG_VISION[spec]
     return _in_bucket(spec, bucket, relative, key)
   if _URL.match(path):
+    _check_source(path, 'checkpoint')
     scheme, rest = path.split('://', 1)
-    return Resolved(spec, path, os.path.join(cache_dir(), 'urls', scheme, rest.lstrip('/')), key)
+    return Resolved(spec, path, storage.join(cache_dir(), 'urls', scheme, rest.lstrip('/')), key)
   if os.path.exists(os.path.expanduser(path)):
     return Resolved(spec, os.path.expanduser(path), None, key)
   if spec.startswith('augreg:'):
@@ -139,6 +156,16 @@ def resolve(spec: str) -> Resolved:
       'name; give a .npz path, a URL, or a name such as imagenet21k/ViT-B_16, augreg:B/16, '
       "augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0 or 'i1k-s16-300ep' "
       '(docs/transfer.md lists them).')
+
+
+def check_source(spec: str, what: str) -> None:
+  """UsageError, before any work, for a checkpoint `spec` that could never be read: a URL of a scheme
+  that downloads cannot read (s3://...), or a name or URL to download into a cache root of one."""
+  path, _ = split_key(spec)
+  if _URL.match(path):
+    _check_source(path, what)
+  if not os.path.exists(os.path.expanduser(path)):
+    cache_dir()
 
 
 def fetch(spec: str) -> tuple[str, str]:
@@ -156,6 +183,8 @@ def fetch(spec: str) -> tuple[str, str]:
 def download(resolved: Resolved) -> str:
   """`resolved.path` copied to `resolved.cache_path` (once, atomically, size-checked); returns the latter."""
   dest = resolved.cache_path
+  if storage.is_url(dest):
+    return _download_into_bucket(resolved)
   if os.path.isfile(dest):
     return dest
   os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -166,22 +195,47 @@ def download(resolved: Resolved) -> str:
       return dest
     temporary = f'{dest}.tmp-{os.getpid()}-{threading.get_ident()}'
     try:
-      written, expected = _copy(resolved.path, temporary)
-      if expected is not None and written != expected:
-        raise UsageError(f'Download of {resolved.path} stopped after {written} of {expected} bytes; '
-                         'run again to retry.')
+      _copy_checked(resolved, temporary)
       os.replace(temporary, dest)
-    except UsageError:
-      raise
-    except Exception as e:  # Network, permission and not-found errors of gcsfs and urllib alike.
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      where = f' (or set {resolved.hint})' if resolved.hint else ''
-      raise UsageError(f'Cannot fetch checkpoint {resolved.spec!r}: tried {resolved.path} ({reason}); '
-                       f'without network, put the file at {dest}{where}.') from None
     finally:
       if os.path.exists(temporary):
         os.remove(temporary)
   return dest
+
+
+def _download_into_bucket(resolved: Resolved) -> str:
+  """download() into a cache in a bucket: an object for a lock, a local temporary file, one upload."""
+  dest = resolved.cache_path
+  try:
+    if storage.isfile(dest):
+      return dest
+    with storage.object_lock(dest + '.lock'):
+      if storage.isfile(dest):
+        return dest
+      with tempfile.TemporaryDirectory(prefix='vit_jax_download_') as folder:
+        temporary = os.path.join(folder, storage.basename(dest))
+        _copy_checked(resolved, temporary)
+        storage.upload(temporary, dest)
+  except UsageError:
+    raise
+  except Exception as e:  # The cache's bucket: missing, no permission, no credentials.
+    raise UsageError(storage.bucket_error(dest, f'${CACHE_ENV}', e)) from None
+  return dest
+
+
+def _copy_checked(resolved: Resolved, temporary: str) -> None:
+  """Copies `resolved.path` to the local file `temporary`, checked against the source's size; a
+  failure is a one-line UsageError."""
+  try:
+    written, expected = _copy(resolved.path, temporary)
+  except Exception as e:  # Network, permission and not-found errors of gcsfs and urllib alike.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    where = f' (or set {resolved.hint})' if resolved.hint else ''
+    raise UsageError(f'Cannot fetch checkpoint {resolved.spec!r}: tried {resolved.path} ({reason}); '
+                     f'without network, put the file at {resolved.cache_path}{where}.') from None
+  if expected is not None and written != expected:
+    raise UsageError(f'Download of {resolved.path} stopped after {written} of {expected} bytes; '
+                     'run again to retry.')
 
 
 def _copy(url: str, dest: str) -> tuple[int, Optional[int]]:
@@ -190,8 +244,7 @@ def _copy(url: str, dest: str) -> tuple[int, Optional[int]]:
   def announce(size: Optional[int]) -> None:  # Once the source answered: a failure stays one line.
     shown = f' ({size / 1e6:.1f} MB)' if size is not None else ''
     print(f'downloading {url}{shown}', file=sys.stderr, flush=True)
-  if not url.startswith(('http://', 'https://')):
-    from vit_jax import storage  # gs:// through gcsfs, a mirror directory through the OS (vit_jax/storage.py).
+  if not url.startswith(('http://', 'https://')):  # gs:// through gcsfs, a mirror directory through the OS.
     return storage.copy_to_local(url, dest, _CHUNK, announce)
   import urllib.request
   written = 0
@@ -206,9 +259,8 @@ def _copy(url: str, dest: str) -> tuple[int, Optional[int]]:
 
 def augreg_index() -> list[dict[str, str]]:
   """The rows of augreg/index.csv (fetched once into the cache)."""
-  local = download(_in_bucket(AUGREG_INDEX, 'vit_models', AUGREG_INDEX))
-  with open(local, newline='') as f:
-    return list(csv.DictReader(f))
+  cached = download(_in_bucket(AUGREG_INDEX, 'vit_models', AUGREG_INDEX))  # A local file or a gs:// URL.
+  return list(csv.DictReader(io.StringIO(storage.read_text(cached), newline='')))
 
 
 def _best(rows: list[dict[str, str]], column: str) -> dict[str, str]:

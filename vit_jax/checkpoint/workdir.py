@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from vit_jax import storage
-from vit_jax.checkpoint import faults
+from vit_jax.checkpoint import faults, published
 from vit_jax.checkpoint.manager import check_resumable
 from vit_jax.errors import UsageError
 
@@ -33,8 +33,11 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, abstract_stat
   already holds checkpoints, the newest readable one must have the tree and
   shapes of `abstract_state` (check_resumable). A gs:// workdir must be a
   bucket that this account may write to (storage.check_writable); buckets
-  have no free space to check.
+  have no free space to check. A config.init.path that could never be read
+  (published.check_source) fails here too.
   """
+  if config.init.path:
+    published.check_source(config.init.path, 'config.init.path')
   if storage.is_url(workdir):
     storage.check_writable(workdir, '--workdir')
     if abstract_state is not None:

@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Optional
 
+from vit_jax import storage
 from vit_jax.errors import ArgumentParser, UsageError
 from vit_jax.sweeps import report, slurm, sweep as sweep_lib
 
@@ -16,7 +17,8 @@ from vit_jax.sweeps import report, slurm, sweep as sweep_lib
 def main(argv: Optional[list[str]] = None) -> int:
   parser = ArgumentParser(prog='vit-jax sweep', description='Run an ablation sweep file (see vit_jax/sweeps/sweep.py).')
   parser.add_argument('sweep', help='the sweep file, e.g. experiments/posemb.py')
-  parser.add_argument('--workdir', required=True, help='folder of the trial workdirs and the report')
+  parser.add_argument('--workdir', required=True,
+                      help='folder (or gs://BUCKET/PATH) of the trial workdirs and the report')
   parser.add_argument('--parallel', type=int, default=1, help='trials run at once (default 1)')
   parser.add_argument('--plan', action='store_true', help='list the trials and exit, running nothing')
   parser.add_argument('--trial', type=int, action='append',
@@ -38,9 +40,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     if args.parallel < 1:
       raise UsageError(f'--parallel {args.parallel}: use 1 or more.')
-    if '://' in args.workdir:  # Trial logs are local files that the trial processes append to.
-      raise UsageError(f'--workdir {args.workdir}: a sweep folder must be a local path or a mounted shared '
-                       'file system (the trials append their logs to files there); URLs are not supported.')
+    storage.check_supported(args.workdir, '--workdir')
+    if storage.is_url(args.workdir) and args.executor == 'slurm':
+      raise UsageError(f'--workdir {args.workdir}: with --executor slurm the sweep folder must be a path that '
+                       "every node sees (SLURM writes each job's output file there), not a URL; give the "
+                       'trials a shared file system path, or run the sweep with --executor local.')
     if args.executor == 'local':
       defaults = slurm.Options()._asdict()
       given = [f'--{name}' for name, value in slurm_options._asdict().items() if value != defaults[name]]
@@ -52,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [i for i in args.trial or [] if not 0 <= i < len(sweep.trials)]
     if bad:
       raise UsageError(f'--trial {bad[0]}: the sweep has trials 0..{len(sweep.trials) - 1} (see --plan).')
+    if storage.is_url(args.workdir) and not args.plan:  # A missing bucket or no permission: now, in one line.
+      storage.check_writable(args.workdir, '--workdir')
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -11,6 +11,7 @@ loss and the metric against step) of every trial.
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.tools import plots
 from vit_jax.sweeps import sweep as sweep_lib
 from vit_jax.errors import UsageError
@@ -26,7 +28,7 @@ from vit_jax.errors import UsageError
 
 def trial_result(sweep: sweep_lib.Sweep, trial: sweep_lib.Trial, workdir: str) -> dict[str, Any]:
   """What one trial's workdir says: status, final and best metric, curves, wall time."""
-  trial_dir = os.path.join(workdir, trial.name)
+  trial_dir = storage.join(workdir, trial.name)
   finished = sweep_lib.is_finished(sweep, trial, workdir)
   result = {'trial': trial, 'finished': finished, 'rows': []}
   try:
@@ -38,10 +40,11 @@ def trial_result(sweep: sweep_lib.Sweep, trial: sweep_lib.Trial, workdir: str) -
     best = int(np.argmax(values) if sweep.mode == 'max' else np.argmin(values))
     result.update(final=float(values[-1]), final_step=int(steps[-1]), best=float(values[best]),
                   best_step=int(steps[best]))
-  attempts_path = os.path.join(trial_dir, sweep_lib.ATTEMPTS_FILE)
-  if os.path.isfile(attempts_path):
-    with open(attempts_path) as f:
-      result['wall_s'] = sum(json.loads(line)['wall_s'] for line in f if line.strip())
+  try:
+    attempts = storage.read_text(storage.join(trial_dir, sweep_lib.ATTEMPTS_FILE))
+  except FileNotFoundError:
+    return result
+  result['wall_s'] = sum(json.loads(line)['wall_s'] for line in attempts.splitlines() if line.strip())
   return result
 
 
@@ -112,18 +115,19 @@ def _fmt(metric: str, value: Optional[float]) -> str:
 
 
 def write_tables(sweep: sweep_lib.Sweep, points: Sequence[dict], workdir: str) -> str:
-  """Writes results.csv and results.md into `workdir`; returns the Markdown."""
+  """Writes results.csv and results.md into `workdir` (a folder or a gs:// URL); returns the Markdown."""
   keys = list(points[0]['values'])
   metric = sweep.metric
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(keys + ['seeds', f'{metric} mean', f'{metric} std', f'{metric} per seed',
-                            f'best {metric}', 'best step', 'wall s per trial', 'params', 'GFLOPs'])
-    for p in points:
-      writer.writerow([sweep_lib.format_value(p['values'][k]) for k in keys] + [
-          p['seeds'], p['mean'], p['std'], ';'.join(f'{v:.6g}' for v in p['finals']), p['best'],
-          p['best_step'], None if p['wall_s'] is None else round(p['wall_s'], 1), p['params'],
-          None if p['gflops'] is None else f'{p["gflops"]:.4g}'])
+  table = io.StringIO(newline='')
+  writer = csv.writer(table)
+  writer.writerow(keys + ['seeds', f'{metric} mean', f'{metric} std', f'{metric} per seed',
+                          f'best {metric}', 'best step', 'wall s per trial', 'params', 'GFLOPs'])
+  for p in points:
+    writer.writerow([sweep_lib.format_value(p['values'][k]) for k in keys] + [
+        p['seeds'], p['mean'], p['std'], ';'.join(f'{v:.6g}' for v in p['finals']), p['best'],
+        p['best_step'], None if p['wall_s'] is None else round(p['wall_s'], 1), p['params'],
+        None if p['gflops'] is None else f'{p["gflops"]:.4g}'])
+  storage.write_text(storage.join(workdir, 'results.csv'), table.getvalue())
 
   means = [p['mean'] for p in points if p['mean'] is not None]
   winner = (max if sweep.mode == 'max' else min)(means) if means else None
@@ -147,8 +151,7 @@ def write_tables(sweep: sweep_lib.Sweep, points: Sequence[dict], workdir: str) -
   if missing:
     lines += ['', f'Not finished ({len(missing)}): ' + ', '.join(f'`{m}`' for m in missing)]
   text = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(text)
+  storage.write_text(storage.join(workdir, 'results.md'), text)
   return text
 
 
@@ -278,7 +281,7 @@ def plot_training_curves(sweep: sweep_lib.Sweep, points: Sequence[dict], out: st
 
 def build_report(sweep: sweep_lib.Sweep, workdir: str) -> str:
   """Writes the tables and plots into `workdir`; returns the text to print (Markdown and paths)."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   points = summarize_points(sweep, workdir)
   table = write_tables(sweep, points, workdir)
   stem = sweep.metric.replace('/', '_')
@@ -288,7 +291,8 @@ def build_report(sweep: sweep_lib.Sweep, workdir: str) -> str:
                'curves.png': plot_training_curves}
     if not independent_keys(points):  # Explicit points only: the by-point plot says it all.
       del figures[f'{stem}_by_key.png']
-    for name, plot in figures.items():
-      plot(sweep, points, os.path.join(workdir, name))
+    with storage.staged_folder(workdir) as folder:  # matplotlib writes local files; uploaded at the end.
+      for name, plot in figures.items():
+        plot(sweep, points, os.path.join(folder, name))
     outputs += list(figures)
-  return table + '\nwrote ' + ', '.join(os.path.join(workdir, o) for o in outputs)
+  return table + '\nwrote ' + ', '.join(storage.join(workdir, o) for o in outputs)

@@ -21,7 +21,10 @@ in its own workdir named after the point's overrides and seed (for example
 `DIR/model.pool=gap,optimizer.learning_rate=0.0003,seed=1`). When the launcher
 exits 0 and metrics.jsonl reaches config.total_steps, the sweep writes
 `sweep_done.json` there; a re-run skips such trials and re-launches the others,
-which resume from their last checkpoint. SIGTERM or Ctrl-C is passed on to the
+which resume from their last checkpoint. DIR may be a `gs://BUCKET/...` URL
+(vit_jax/storage.py): the trials' workdirs, done files and report are then
+objects there, and each launcher run's output is uploaded to its
+launcher.out/err when the run ends. SIGTERM or Ctrl-C is passed on to the
 running trials (they save a checkpoint and stop). A failed trial is reported
 with the tail of its stderr and the others go on; the exit code is then 1.
 
@@ -39,15 +42,18 @@ import json
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import ml_collections
 
+from vit_jax import storage
 from vit_jax.config import files
 from vit_jax.errors import UsageError
 
@@ -197,17 +203,16 @@ def trial_config(sweep: Sweep, trial: Trial) -> ml_collections.ConfigDict:
 def launch_command(sweep: Sweep, trial: Trial, workdir: str) -> list[str]:
   """The launcher's command line for `trial`."""
   return [sys.executable, '-m', 'vit_jax.main', '--config', sweep.base_config,
-          '--workdir', os.path.join(os.path.abspath(workdir), trial.name),
+          '--workdir', storage.join(storage.absolute(workdir), trial.name),
           *[f'--config.{k}={format_value(v)}' for k, v in trial.overrides.items()]]
 
 
 def is_finished(sweep: Sweep, trial: Trial, workdir: str) -> bool:
   """Whether `trial` finished with its current overrides (its done file says so)."""
-  path = os.path.join(workdir, trial.name, DONE_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(workdir, trial.name, DONE_FILE)
+  if not storage.isfile(path):
     return False
-  with open(path) as f:
-    done = json.load(f)
+  done = json.loads(storage.read_text(path))
   # JSON turns tuples into lists: compare both sides in their JSON form.
   return (done.get('base_config'), done.get('overrides')) == (
       sweep.base_config, json.loads(json.dumps(trial.overrides)))
@@ -267,37 +272,45 @@ class Runner:
 
   def run_trial(self, trial: Trial) -> dict:
     """Launches `trial` once; returns its outcome: finished, failed, interrupted or not started."""
-    trial_dir = os.path.join(self.workdir, trial.name)
+    trial_dir = storage.join(self.workdir, trial.name)
     total_steps = trial_config(self.sweep, trial).total_steps
     command = launch_command(self.sweep, trial, self.workdir)
-    err_path = os.path.join(trial_dir, STDERR_FILE)
+    # The launcher appends its output to files: the trial's own, or local ones uploaded when it ends
+    # (an object in a bucket cannot be appended to by another process).
+    remote = storage.is_url(trial_dir)
     with self._lock:
       if self.stop_signal is not None:
         return {'trial': trial, 'status': 'not started'}
-      os.makedirs(trial_dir, exist_ok=True)
+      storage.makedirs(trial_dir)
+      log_dir = tempfile.mkdtemp(prefix='vit_jax_trial_') if remote else trial_dir
+      err_path = os.path.join(log_dir, STDERR_FILE)
       err_offset = os.path.getsize(err_path) if os.path.exists(err_path) else 0
       start = time.time()
-      with open(os.path.join(trial_dir, STDOUT_FILE), 'a') as out, open(err_path, 'a') as err:
+      with open(os.path.join(log_dir, STDOUT_FILE), 'a') as out, open(err_path, 'a') as err:
         process = subprocess.Popen(self.wrap(command), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
       self._running.add(process)
     returncode = process.wait()
     with self._lock:
       self._running.discard(process)
     wall_s = time.time() - start
-    reached = last_step(trial_dir)
-    saved_last = os.path.isdir(os.path.join(trial_dir, 'checkpoints', str(total_steps)))
-    status = trial_status(returncode, reached, total_steps, self.stop_signal is not None, saved_last)
-    with open(os.path.join(trial_dir, ATTEMPTS_FILE), 'a') as f:
-      f.write(json.dumps({'start': start, 'wall_s': wall_s, 'returncode': returncode,
-                          'last_step': reached, 'status': status, **self.record}) + '\n')
-    if status == 'finished':
-      with open(os.path.join(trial_dir, DONE_FILE), 'w') as f:
-        json.dump({'base_config': self.sweep.base_config, 'overrides': trial.overrides,
-                   'command': command, 'total_steps': total_steps,
-                   'finished': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=2)
-    with open(err_path) as f:
+    with open(err_path, errors='replace') as f:
       f.seek(err_offset)
       lines = f.read().strip().split('\n')
+    if remote:
+      for name in (STDOUT_FILE, STDERR_FILE):
+        with open(os.path.join(log_dir, name), errors='replace') as f:
+          storage.append_text(storage.join(trial_dir, name), f.read())
+      shutil.rmtree(log_dir, ignore_errors=True)
+    reached = last_step(trial_dir)
+    saved_last = storage.isdir(storage.join(trial_dir, 'checkpoints', str(total_steps)))
+    status = trial_status(returncode, reached, total_steps, self.stop_signal is not None, saved_last)
+    storage.append_text(storage.join(trial_dir, ATTEMPTS_FILE), json.dumps({
+        'start': start, 'wall_s': wall_s, 'returncode': returncode, 'last_step': reached, 'status': status,
+        **self.record}) + '\n')
+    if status == 'finished':
+      storage.write_text(storage.join(trial_dir, DONE_FILE), json.dumps({
+          'base_config': self.sweep.base_config, 'overrides': trial.overrides, 'command': command,
+          'total_steps': total_steps, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}, indent=2))
     # TensorFlow's start-up INFO lines (absl format `I0000 ...`) would bury the error.
     tail = [line for line in lines if not _ABSL_NOISE.match(line)][-15:]
     return {'trial': trial, 'status': status, 'wall_s': wall_s, 'returncode': returncode,
@@ -352,7 +365,7 @@ def print_plan(sweep: Sweep, workdir: str) -> None:
         f'({sweep.mode}), workdir {workdir}:')
   for trial in sweep.trials:
     state = 'finished' if is_finished(sweep, trial, workdir) else (
-        'started' if os.path.isdir(os.path.join(workdir, trial.name)) else 'new')
+        'started' if storage.isdir(storage.join(workdir, trial.name)) else 'new')
     print(f'{trial.index:4d}  {trial.name}  [{state}]\n      '
           + ' '.join(f'--config.{k}={format_value(v)}' for k, v in trial.overrides.items()))
 
@@ -368,7 +381,7 @@ def run_sweep(sweep: Sweep, workdir: str, parallel: int = 1,
   skipped = [t for t in chosen if is_finished(sweep, t, workdir)]
   todo = [t for t in chosen if t not in skipped]
   print(progress_line(len(chosen), len(skipped), len(todo), parallel, workdir), flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if parallel > 1 and len(todo) > 1:
     prepare_datasets(sweep)
   runner = Runner(sweep, workdir, parallel)
