@@ -12,13 +12,13 @@ import json
 import os
 import re
 
-from tests import doc_commands, doc_session
+from tests import doc_commands, doc_pages
 
 
 def test_readme_commands_work_as_written(tmp_path, data_dir, run_command, monkeypatch):
-  doc_session.enter(tmp_path, monkeypatch, data_dir)
-  readme = doc_session.readme_directory(data_dir, run_command)
-  with open(os.path.join(readme, doc_session.RESULT)) as f:
+  doc_pages.enter(tmp_path, monkeypatch, data_dir)
+  readme = doc_pages.readme_directory(data_dir, run_command)
+  with open(os.path.join(readme, doc_pages.RESULT)) as f:
     result = json.load(f)
   print(result['report'])
   assert not result['failures'], (f'{len(result["failures"])} doc command(s) fail:\n\n'
