@@ -14,8 +14,8 @@ the first step is a clean exit (nothing new to save), never a crash. A run
 stopped before its end exits with STOPPED_EXIT_CODE: a job script requeues
 the job on it, not when the run finished (experiments/slurm/train.sbatch).
 
-This module imports no JAX until a multi-process run asks the other
-processes, so that the launcher can install the handlers before JAX loads.
+This module imports JAX only inside the calls that need it (JAX is loaded by
+then), so that the launcher can install the handlers before JAX loads.
 """
 
 import signal
@@ -55,8 +55,8 @@ class StopRequest:
   Entered again while installed (the launcher's request, passed to the loop), it installs its handlers
   again, in case a library took a signal since (JAX's distributed client takes SIGTERM for its own
   preemption notice), and leaves them installed until the outer block ends.
-  The loop records in `stopped_at` the step it stopped at on the request (its first step's
-  predecessor if it stopped before training); None means the run was not cut short.
+  The loop records in `stopped_at` the step it stopped at on the request (the step it started from,
+  if before training); None means the run was not cut short.
   """
 
   def __init__(self, signals: Sequence[signal.Signals | str] = DEFAULT_SIGNALS):
