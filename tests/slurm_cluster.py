@@ -229,8 +229,17 @@ class Cluster:
   def time_limit_checks(self) -> list[datetime.datetime]:
     """When slurmctld checked its jobs' time limits (every 30 s from its start), from its log; local time."""
     pattern = re.compile(r'^\[([0-9T:.-]+)\] debug2: ' + CHECK_LINE)
-    with open(self._file('slurmctld.log'), errors='replace') as f:
+    with open(self.controller_log_path, errors='replace') as f:
       return [datetime.datetime.fromisoformat(m.group(1)) for m in map(pattern.match, f) if m]
+
+  @property
+  def controller_log_path(self) -> str:
+    return self._file('slurmctld.log')
+
+  def controller_log(self) -> str:
+    """slurmctld's log so far (debug2: its time-limit checks, the warning signals it sent)."""
+    with open(self.controller_log_path, errors='replace') as f:
+      return f.read()
 
 
 def _is_zombie(pid: int) -> bool:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ from vit_jax.config import defaults
 from tests.conftest import REPO, xla_flags
 from vit_jax import checkpoint
 from vit_jax.training import sharding
-from vit_jax.training import loop, steps
+from vit_jax.training import loop, preemption, steps
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 
@@ -96,7 +97,7 @@ def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_pa
     assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
 
     rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
-    assert rc == 0, (plan, stderr[-3000:])
+    assert rc == preemption.STOPPED_EXIT_CODE, (plan, stderr[-3000:])
     saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
     assert 'Received SIGTERM' in stdout and saved >= second, plan
     assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
@@ -120,6 +121,53 @@ def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_pa
     if reference_run.poll() is None:
       reference_run.kill()
     reference_log.close()
+
+
+def caught_signals(pid):
+  """The signals process `pid` has handlers for, from /proc (SigCgt), or None once it has exited."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      mask = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
+  except (OSError, StopIteration):
+    return None
+  return {s for s in signal.Signals if mask >> (s - 1) & 1}
+
+
+def signalled_at_start(workdir, data_dir, sig, *overrides):
+  """Starts `vit-jax train` and sends `sig` as soon as the process handles it; returns (rc, stdout, stderr).
+
+  The launcher takes its stop signals first of all, before its seconds of imports and compilation:
+  the signal comes during its start-up."""
+  process = subprocess.Popen([sys.executable, '-m', 'vit_jax', 'train', '--config', 'configs/base.py',
+                              '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *overrides],
+                             cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  try:
+    caught = set()
+    while process.poll() is None and sig not in caught:
+      caught = caught_signals(process.pid) or set()
+      time.sleep(0.005)
+    if sig in caught:
+      process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=300)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert sig in caught, f'the launcher never handled {sig.name}: {stdout[-2000:]} {stderr[-2000:]}'
+  return process.returncode, stdout, stderr
+
+
+def test_a_stop_signal_during_start_up_is_a_clean_stop(data_dir, tmp_path):
+  """SIGUSR1 (SLURM's time-limit warning) while the launcher imports and compiles: no crash, nothing saved,
+  one line, exit 75. (A finished run warned so exits 0: tests/test_slurm.py.)"""
+  workdir = tmp_path / 'run'
+  rc, stdout, stderr = signalled_at_start(workdir, data_dir, signal.SIGUSR1, '--config.batch_size=32',
+                                          '--config.total_steps=4')
+  assert rc == preemption.STOPPED_EXIT_CODE, stderr[-3000:]
+  assert (f'Received SIGUSR1 before the first step: nothing new was saved in {workdir}; run the same '
+          'command to resume.') in stdout.splitlines(), stdout
+  assert 'step 1/' not in stdout and 'Traceback' not in stderr
+  assert not list(workdir.glob('checkpoints/*'))
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):

@@ -13,8 +13,10 @@ machine without SLURM's packages skips them, saying so.
 import csv
 import datetime
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,12 +27,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, xla_flags
-from tests.slurm_cluster import CHECK_PERIOD_S, Cluster, ClusterError, missing_programs
+from tests.slurm_cluster import CHECK_PERIOD_S, ENDED_STATES, Cluster, ClusterError, missing_programs
 from tests.test_scale import STEPS, TOLERANCE, assert_same_params, config, one_device_run  # noqa: F401
 from vit_jax import checkpoint
 from vit_jax.config import defaults
 from vit_jax.sweeps import slurm, sweep as sweep_lib
-from vit_jax.training import loop, sharding
+from vit_jax.training import loop, preemption, sharding
 
 TRAIN_SCRIPT = os.path.join(REPO, 'experiments', 'slurm', 'train.sbatch')
 
@@ -93,63 +95,178 @@ def test_two_tasks_equal_one_process(cluster, config, one_device_run, tmp_path):
   assert_same_params(restored.opt_state, one_device_run[0].opt_state)
 
 
-# The time-limit run: on an idle core its start-up (about 8 s) and training (about 25 s) outlast the 28 s
-# to its warning; on a loaded one it may need a third start. Evaluated and saved only at its end and when
-# stopped.
-LIMITED_STEPS = 900
-LIMITED_FLAGS = ('--config.batch_size=32', f'--config.total_steps={LIMITED_STEPS}', '--config.log_every_steps=50',
-                 f'--config.eval_every_steps={LIMITED_STEPS}', f'--config.checkpoint_every_steps={LIMITED_STEPS}',
-                 '--config.model.dropout_rate=0.1')
-# sbatch --time=1 --signal=B:USR1@10: warned at slurmctld's first time-limit check >= 20 s into the job
-# (60 - 10 - 30 s: the checks come every 30 s). Submitted 28 s before a check, the job is warned there
-# even if it starts up to 8 s late; requeued, it starts again about 11 s after that check (the cluster's
-# cred_expire=10), so the next check is only 19 s into it, and its warning comes 30 s later.
+# The time-limit run: the tiny model, evaluated and saved only at its end and when stopped, beside an
+# uninterrupted run of the same flags. On the shared 2-core test machine the job trained at 400-900 img/s,
+# 45-95 s for 1,200 steps: time for one of slurmctld's checks (every 30 s) to come while it trains; a machine
+# too fast for that gets a second, longer run.
+LIMITED_STEPS = 1200
+
+
+def limited_flags(steps):
+  return ('--config.batch_size=32', f'--config.total_steps={steps}', '--config.log_every_steps=50',
+          f'--config.eval_every_steps={steps}', f'--config.checkpoint_every_steps={steps}',
+          '--config.model.dropout_rate=0.1')
+
+
+# The job is submitted with a 10-minute limit and --signal=B:USR1@WARNING_S: it would be warned 9 min 20 s
+# in. Once it trains, the test brings its end forward (`scontrol update EndTime`, as an administrator may)
+# to END_AFTER_CHECK_S after one of slurmctld's time-limit checks (every 30 s): that check warns it
+# (check + 30 s + WARNING_S >= end) while it still trains, on a slow machine or a fast one, and the next
+# check, which would time it out, comes after it has saved and requeued itself. The update is made at
+# least LEAD_S before that check, with at least MARGIN_S of training left after it.
 WARNING_S = 10
-FIRST_CHECK_S = 28
+END_AFTER_CHECK_S = 35
+LEAD_S = 2
+MARGIN_S = 5
 
 
-def test_time_limit_warning_saves_requeues_and_resumes_bitwise(cluster, data_dir, tmp_path):
-  """A 1-minute job warned before its limit: saves, requeues itself, ends equal to an uninterrupted run."""
-  workdir, reference, output = tmp_path / 'limited', tmp_path / 'reference', tmp_path / 'job.out'
+def progress(log):
+  """(step, seconds of training left) of the job log's last progress line, or None before the first."""
+  lines = [line for line in log.splitlines() if line.startswith('step ')]
+  if not lines:
+    return None
+  step = int(lines[-1].split()[1].split('/')[0])
+  h, m, s = lines[-1].split('ETA ')[1].split()[0].split(':')
+  return step, int(h) * 3600 + int(m) * 60 + int(s)
+
+
+def steps_per_second(log):
+  """The training speed of the job log's last progress line."""
+  line = [line for line in log.splitlines() if line.startswith('step ')][-1]
+  return float(line.split(' img/s')[0].split('| ')[-1]) / 32
+
+
+def next_check(cluster, after):
+  """The first time-limit check of slurmctld at or after `after` (they come every CHECK_PERIOD_S)."""
+  check = (cluster.time_limit_checks() or [cluster.controller_started])[-1]
+  while check < after:
+    check += datetime.timedelta(seconds=CHECK_PERIOD_S)
+  return check
+
+
+def warn_while_training(cluster, job, output, steps):
+  """Follows the job's log; once it trains, brings its end forward so that the next time-limit check
+  warns it with MARGIN_S of training left. Returns that check's time, or None if the training ended
+  before any check could warn it (a machine fast for `steps`): then the job finishes unwarned."""
+  seen, deadline = None, time.time() + 600
+  while cluster.job_states().get(job, 'PENDING') not in ENDED_STATES and time.time() < deadline:
+    log = output.read_text() if output.exists() else ''
+    now = progress(log)
+    if now is not None and now != seen:
+      seen = now
+      wall = datetime.datetime.now()
+      check = next_check(cluster, wall + datetime.timedelta(seconds=LEAD_S))
+      if (check - wall).total_seconds() + MARGIN_S <= now[1] and now[0] < steps:
+        end = check + datetime.timedelta(seconds=END_AFTER_CHECK_S)
+        cluster.run('scontrol', 'update', f'JobId={job}', f'EndTime={end:%Y-%m-%dT%H:%M:%S}')
+        return check
+    time.sleep(0.2)
+  return None
+
+
+def run_limited(cluster, data_dir, directory, steps):
+  """The job and the uninterrupted run of `steps` steps in `directory`; returns (job, its log, the finished
+  job's id and log) if SLURM warned the job while it trained, else None.
+
+  The finished job: the uninterrupted run, once finished, submitted too and warned by hand while its
+  launcher starts (it overlaps the warned job's restart)."""
   data_flag = f'--config.dataset.data_dir={data_dir}'
+  directory.mkdir()
+  output, finished_output = directory / 'job.out', directory / 'finished.out'
   uninterrupted = subprocess.Popen(
-      [sys.executable, '-m', 'vit_jax', 'train', '--config', 'configs/base.py', '--workdir', str(reference),
-       data_flag, *LIMITED_FLAGS], cwd=REPO, env=job_env(cluster), stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True)
+      [sys.executable, '-m', 'vit_jax', 'train', '--config', 'configs/base.py', '--workdir',
+       str(directory / 'reference'), data_flag, *limited_flags(steps)], cwd=REPO, env=job_env(cluster),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    # slurmctld checks time limits every 30 s from its start: submit FIRST_CHECK_S before a check, so
-    # that the warning comes at that check, well into the training and well before its end.
-    last = (cluster.time_limit_checks() or [cluster.controller_started])[-1]
-    check = last + datetime.timedelta(seconds=CHECK_PERIOD_S)
-    while (check - datetime.datetime.now()).total_seconds() < FIRST_CHECK_S:
-      check += datetime.timedelta(seconds=CHECK_PERIOD_S)
-    time.sleep(max(0.0, (check - datetime.datetime.now()).total_seconds() - FIRST_CHECK_S))
-    job = sbatch(cluster, '--time=1', f'--signal=B:USR1@{WARNING_S}', '--nodes=1', '--ntasks-per-node=1',
-                 '--gpus-per-node=0', f'--output={output}', TRAIN_SCRIPT, 'configs/base.py', str(workdir),
-                 data_flag, *LIMITED_FLAGS)
-    assert cluster.wait_jobs([job], timeout_s=600) == {job: 'COMPLETED'}, output.read_text()[-3000:]
+    job = sbatch(cluster, '--time=10', f'--signal=B:USR1@{WARNING_S}', '--nodes=1', '--ntasks-per-node=1',
+                 '--gpus-per-node=0', f'--output={output}', TRAIN_SCRIPT, 'configs/base.py',
+                 str(directory / 'limited'), data_flag, *limited_flags(steps))
+    check = warn_while_training(cluster, job, output, steps)
+    if check is not None:
+      # Warned at that check: the job saves and requeues itself; its next start gets its 10 minutes back.
+      deadline = check + datetime.timedelta(seconds=CHECK_PERIOD_S + 10)
+      while 'time-limit warning' not in output.read_text() and datetime.datetime.now() < deadline:
+        time.sleep(0.2)
+      cluster.run('scontrol', 'update', f'JobId={job}', 'TimeLimit=10')
     _, stderr = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, stderr[-3000:]
+    if check is None:
+      assert cluster.wait_jobs([job], timeout_s=600) == {job: 'COMPLETED'}, output.read_text()[-3000:]
+      return None
+    finished = sbatch(cluster, '--time=10', '--nodes=1', '--ntasks-per-node=1', '--gpus-per-node=0',
+                      f'--output={finished_output}', TRAIN_SCRIPT, 'configs/base.py', str(directory / 'reference'),
+                      data_flag, *limited_flags(steps))
+    assert launcher_handling(finished, signal.SIGUSR1), finished_output.read_text()[-3000:]
+    cluster.run('scancel', '--signal=USR1', '--batch', finished)
+    states = cluster.wait_jobs([job, finished], timeout_s=600)
+    assert states == {job: 'COMPLETED', finished: 'COMPLETED'}, (output.read_text()[-3000:],
+                                                                 finished_output.read_text()[-3000:])
   finally:
     if uninterrupted.poll() is None:
       uninterrupted.kill()
-  log = output.read_text()
+  return job, output.read_text(), finished, finished_output.read_text()
+
+
+def launcher_handling(job, sig, timeout_s=120):
+  """Waits until job `job`'s launcher process (`vit-jax train`) handles `sig`; False if it did not within
+  `timeout_s`."""
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+      try:
+        with open(f'/proc/{pid}/comm') as f:
+          if not f.read().startswith('vit-jax'):
+            continue
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+          if f'SLURM_JOB_ID={job}'.encode() not in f.read().split(b'\0'):
+            continue
+        with open(f'/proc/{pid}/status') as f:
+          mask = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
+      except (OSError, StopIteration):
+        continue
+      if mask >> (sig - 1) & 1:
+        return True
+    time.sleep(0.05)
+  return False
+
+
+def test_time_limit_warning_saves_requeues_and_resumes_bitwise(cluster, data_dir, tmp_path):
+  """A job warned by SLURM before its time limit while it trains: saves, requeues itself, ends equal to an
+  uninterrupted run. A job whose run is finished, warned: ends, not requeued."""
+  steps, directory = LIMITED_STEPS, tmp_path / 'first'
+  result = run_limited(cluster, data_dir, directory, steps)
+  if result is None:  # Trained faster than the checks come: once more, long enough at the speed it showed.
+    log = (directory / 'job.out').read_text()
+    steps = max(2 * steps, math.ceil(steps_per_second(log) * (CHECK_PERIOD_S + 15) / 50) * 50)
+    directory = tmp_path / 'second'
+    result = run_limited(cluster, data_dir, directory, steps)
+  assert result, f'{steps} steps trained before a time-limit check could warn the job'
+  job, log, finished, finished_log = result
+  # SLURM's own warning, at a time-limit check.
+  assert f'warning signal 10 to JobId={job}\n' in cluster.controller_log()
   restarts = int(cluster.run('scontrol', 'show', 'job', job).stdout.split('Restarts=')[1].split()[0])
-  assert restarts >= 1 and f'job {job} start {restarts} ' in log, log[-3000:]
-  assert f'time-limit warning: stopping and requeueing job {job}' in log
+  assert restarts == 1 and f'job {job} start 1 ' in log, log[-3000:]
+  assert f'time-limit warning: stopping job {job}' in log
   saved = int(log.split('Received SIGUSR1: saved the checkpoint of step ')[1].split()[0])
-  assert 0 < saved < LIMITED_STEPS
+  assert 0 < saved < steps, log[-3000:]
+  assert f'launcher exit status {preemption.STOPPED_EXIT_CODE}: requeueing job {job}' in log
   assert f'Resuming from the checkpoint at step {saved}' in log
-  assert f'step {LIMITED_STEPS}/{LIMITED_STEPS}' in log
+  assert f'step {steps}/{steps}' in log
 
   config = defaults.get_config()
   config.dataset.data_dir = data_dir
-  config.batch_size, config.total_steps, config.model.dropout_rate = 32, LIMITED_STEPS, 0.1
-  expected, actual = restore(reference, config), restore(workdir, config)
-  assert int(actual.step) == int(expected.step) == LIMITED_STEPS
+  config.batch_size, config.total_steps, config.model.dropout_rate = 32, steps, 0.1
+  expected, actual = restore(directory / 'reference', config), restore(directory / 'limited', config)
+  assert int(actual.step) == int(expected.step) == steps
   for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
                   jax.tree.leaves((expected.params, expected.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # Bitwise.
+
+  # The finished run: its launcher says so and exits 0, and the job ends.
+  assert f'time-limit warning: stopping job {finished}' in finished_log
+  assert f'The run in {directory / "reference"} is finished' in finished_log, finished_log[-3000:]
+  assert f'the run is finished: job {finished} ends' in finished_log and 'requeueing' not in finished_log
+  assert 'Restarts=0' in cluster.run('scontrol', 'show', 'job', finished).stdout
 
 
 # A 2x2 sweep of the tiny model, 8 steps a trial: its trials are mostly launcher start-up.

@@ -208,6 +208,8 @@ def test_progress_names_trials_by_their_index_and_a_finished_trial_as_finished(c
   assert sweep.trial_status(-15, 8, 8, stopped=True, saved_last=True) == 'finished'
   assert sweep.trial_status(-15, 8, 8, stopped=True, saved_last=False) == 'interrupted'
   assert sweep.trial_status(0, 5, 8, stopped=True, saved_last=False) == 'interrupted'
+  # Stopped by a signal the sweep did not pass on (a cluster's, sent to the launcher itself): saved, exit 75.
+  assert sweep.trial_status(75, 5, 8, stopped=False, saved_last=False) == 'interrupted'
   assert sweep.trial_status(1, 8, 8, stopped=False, saved_last=True) == 'failed'
   assert sweep.trial_status(0, 8, 8, stopped=False, saved_last=True) == 'finished'
   line = sweep.progress_line(10, 0, 1, 2, 'sw')

@@ -227,7 +227,7 @@ def run_absl(module, prog: str, argv: list[str], compilation_cache: bool = False
     if compilation_cache and flags.FLAGS.compilation_cache:
       enable_compilation_cache(compilation_cache_dir())
     try:
-      module.main(args)
+      return module.main(args)  # app.run exits with it: the launcher's status after a stop.
     except (UsageError, app.UsageError) as e:  # absl's own would print the usage text and exit 1.
       fail(str(e))
 
@@ -258,6 +258,19 @@ def run(name: str, argv: list[str]) -> int:
   """Runs command `name` with the arguments after it; returns its exit code."""
   if name not in COMMANDS:
     fail(f'unknown command {name!r}; commands: {", ".join(COMMANDS)} (vit-jax --help).')
+  if name != 'train' or HELP_FLAGS & set(argv):
+    return _run(name, argv)
+  # First of all: a stop signal (preemption, a time-limit warning) during the seconds of imports and
+  # compilation below is the run's stop request, not a crash (vit_jax/training/preemption.py).
+  from vit_jax.training import preemption
+  preemption.catch_early()
+  try:
+    return _run(name, argv)
+  finally:
+    preemption.release_early()
+
+
+def _run(name: str, argv: list[str]) -> int:
   command = COMMANDS[name]
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up lines.
   from vit_jax import console

@@ -33,8 +33,12 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv: list[str]) -> None:
-  """Trains (or resumes) the run that the parsed flags describe."""
+def main(argv: list[str]) -> int:
+  """Trains (or resumes) the run that the parsed flags describe; returns the exit status.
+
+  0 when the run is finished, preemption.STOPPED_EXIT_CODE when a stop signal ended it before
+  config.total_steps (run the same command to resume).
+  """
   from vit_jax.cpu import devices as cpu_devices
   from vit_jax.errors import UsageError
   from vit_jax.training import loop, preemption, sharding, steps  # Here, so that --help does not load JAX.
@@ -43,13 +47,16 @@ def main(argv: list[str]) -> None:
     raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}; every option is a --flag.')
   f = flags.FLAGS
   try:
-    stop_signals = preemption.parse_signals(f.stop_signals)
-    cpu_devices.split_cpu(f.cpu_devices)  # Before JAX creates its CPU backend.
-    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
-                                    auto=f.multihost, timeout_s=f.distributed_timeout)
-    loop.train_and_evaluate(f.config, f.workdir, stop_signals, discard_damaged=f.discard_damaged)
+    # Installed before any other work, taking over a signal caught since the process started (cli.run).
+    with preemption.StopRequest(preemption.parse_signals(f.stop_signals)) as stop:
+      cpu_devices.split_cpu(f.cpu_devices)  # Before JAX creates its CPU backend.
+      sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                                      auto=f.multihost, timeout_s=f.distributed_timeout)
+      with stop:  # Installed again: JAX's distributed client has taken SIGTERM for itself.
+        loop.train_and_evaluate(f.config, f.workdir, stop=stop, discard_damaged=f.discard_damaged)
   except steps.DivergenceError as e:
     raise UsageError(str(e)) from None
+  return 0 if stop.stopped_at is None else preemption.STOPPED_EXIT_CODE
 
 
 if __name__ == '__main__':

@@ -56,6 +56,7 @@ import ml_collections
 from vit_jax import storage
 from vit_jax.config import files
 from vit_jax.errors import UsageError
+from vit_jax.training import preemption  # Its exit status only; it loads no JAX.
 
 DONE_FILE = 'sweep_done.json'  # Written into a trial's workdir once it has finished.
 ATTEMPTS_FILE = 'sweep_attempts.jsonl'  # One row per launcher run of the trial (wall time, exit code).
@@ -234,9 +235,9 @@ def trial_status(returncode: int, reached: int, total_steps: int, stopped: bool,
   # A signal that came after the last step had trained, evaluated and saved changed nothing.
   if reached >= total_steps and (not returncode or (stopped and saved_last)):
     return 'finished'
-  if returncode and not stopped:
+  if returncode and not stopped and returncode != preemption.STOPPED_EXIT_CODE:
     return 'failed'
-  return 'interrupted'  # Stopped by our signal: saved and exited 0, or died before training started.
+  return 'interrupted'  # Stopped by a signal: saved (or had nothing new to save), or died of it.
 
 
 def progress_line(chosen: int, skipped: int, todo: int, parallel: int, workdir: str) -> str:

@@ -2,6 +2,7 @@
 
 import math
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +65,14 @@ def _memory_fix(config: ml_collections.ConfigDict, num_devices: int) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_signals=preemption.DEFAULT_SIGNALS,
-                       discard_damaged: bool = False) -> dict[str, float]:
+                       discard_damaged: bool = False,
+                       stop: Optional[preemption.StopRequest] = None) -> dict[str, float]:
   """Trains (or resumes) in `workdir` until `config.total_steps`; returns the final metrics.
 
-  Any of `stop_signals` makes it save a checkpoint and return (vit_jax/training/preemption.py).
+  Any of `stop_signals` makes it save a checkpoint and return (vit_jax/training/preemption.py);
+  `stop` is a request already installed (the launcher's, from its start) to use instead, on which
+  the loop records the step it stopped at (`stopped_at`). A request made before the first step
+  stops the run there, with nothing new to save.
   A workdir whose checkpoints cannot be read now (I/O or permission errors,
   out of memory) stops the run before anything is written; one whose every
   checkpoint is damaged stops too, unless `discard_damaged` (`vit-jax train
@@ -157,7 +162,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final: dict[str, float] = {}
   batch = first_batch
   try:
-    with preemption.StopRequest(stop_signals) as stop:
+    with stop or preemption.StopRequest(stop_signals) as stop:
+      if stop.agreed():  # Asked while the run started up: all processes stop before training.
+        stop.stopped_at = start_step
+        if is_main:
+          print(f'Received {stop.signal_name or "a stop request"} before the first step: nothing new was '
+                f'saved in {workdir}; run the same command to resume.', flush=True)
+        return final
       for step in range(start_step + 1, config.total_steps + 1):
         if batch is None:
           batch = sharding.global_batch(next(train_iter), run.batch_sharding)
@@ -207,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if is_checkpoint:
           checkpoint.save(manager, step, state, eval_metrics)
         if stopping and not is_last:
+          stop.stopped_at = step
           if is_main:
             print(f'Received {stop.signal_name or "a stop request"}: saved the checkpoint of step '
                   f'{step} in {workdir}; run the same command to resume.', flush=True)
@@ -214,4 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     writer.close()
     checkpoint.finish(manager)
+  if stop.stopped_at is not None and jax.process_count() > 1:
+    # A stopped launcher exits non-zero, on which `srun --kill-on-bad-exit` ends the processes still
+    # running: none leaves before every one has finished its part of the save.
+    multihost_utils.sync_global_devices('stopped_and_saved')
   return final
