@@ -170,6 +170,28 @@ def test_a_stop_signal_during_start_up_is_a_clean_stop(data_dir, tmp_path):
   assert not list(workdir.glob('checkpoints/*'))
 
 
+def test_ctrl_c_twice_quits_at_once_with_one_line(capsys, monkeypatch):
+  """The first Ctrl-C is a stop request (saved at the next step); a second one quits at once, as Ctrl-C
+  does without the launcher, and `vit-jax` says so in one line with status 130."""
+  from vit_jax import cli
+  preemption.catch_early()
+  try:
+    signal.raise_signal(signal.SIGINT)  # Recorded, nothing raised.
+    assert 'Ctrl-C again to quit now' in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    preemption.release_early()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Put back.
+
+  def interrupted(name, argv):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, 'run', interrupted)  # The command, interrupted the second time.
+  assert cli.main(['train']) == 130
+  assert capsys.readouterr().err.splitlines() == [
+      'Interrupted: stopped without saving; the checkpoints saved before are kept.']
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):
   workdir = str(tmp_path)
   loop.train_and_evaluate(tiny_config, workdir)  # Checkpoints at steps 3 and 6.

@@ -315,4 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   if not argv or argv[0] in ('-h', '--help', 'help'):
     print(usage())
     return 0 if argv else 2
-  return run(argv[0], argv[1:])
+  try:
+    return run(argv[0], argv[1:])
+  except KeyboardInterrupt:  # A second Ctrl-C during training (vit_jax/training/preemption.py), or one elsewhere.
+    print('Interrupted: stopped without saving; the checkpoints saved before are kept.', file=sys.stderr)
+    return 130

@@ -19,6 +19,7 @@ then), so that the launcher can install the handlers before JAX loads.
 """
 
 import signal
+import sys
 from typing import Optional, Sequence
 
 from vit_jax.errors import UsageError
@@ -105,7 +106,12 @@ class StopRequest:
 
   def _handle(self, signum, frame) -> None:
     del frame
+    if signum == signal.SIGINT and self.signal_name == 'SIGINT':  # Ctrl-C twice: quit now, as without us.
+      raise KeyboardInterrupt
     self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print('Ctrl-C: the run stops at its next step and saves a checkpoint (Ctrl-C again to quit now).',
+            file=sys.stderr, flush=True)
 
   def should_stop(self, step: int, every: int = 10) -> bool:
     """True on every process once any process has received a signal.
