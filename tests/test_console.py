@@ -43,7 +43,8 @@ def test_library_warnings_and_tracebacks_stay_off_the_console(tmp_path, data_dir
   for path in glob.glob(str(old / 'checkpoints' / '4' / '**' / 'd' / '*'), recursive=True):
     with open(path, 'r+b') as f:
       f.truncate(max(os.path.getsize(path) // 3, 1))
-  damaged = run_command(*train_args(old, data_dir, '--config.total_steps=6', '--config.eval_every_steps=6',
+  # The first run's config again (its compiled programs): steps 3 and 4 again.
+  damaged = run_command(*train_args(old, data_dir, '--config.total_steps=4', '--config.eval_every_steps=4',
                                     '--config.checkpoint_every_steps=2'))
   assert damaged.returncode == 0, damaged.stderr[-3000:]
   assert re.search(r'Checkpoint at step 4 is damaged \(.*\); set aside', damaged.stdout + damaged.stderr)
@@ -52,8 +53,9 @@ def test_library_warnings_and_tracebacks_stay_off_the_console(tmp_path, data_dir
 
   # A new run from the old one's parameters, as the changed-config error suggests: our line says that
   # the head is reset; orbax's warnings about the handlers it picked stay off the console.
-  new = run_command(*train_args(tmp_path / 'new', data_dir, '--config.total_steps=2',
-                                f'--config.init.path={old}', '--config.eval_every_steps=2'))
+  new = run_command(*train_args(tmp_path / 'new', data_dir, '--config.total_steps=4',
+                                f'--config.init.path={old}', '--config.eval_every_steps=4',
+                                '--config.checkpoint_every_steps=2'))
   assert new.returncode == 0, new.stderr[-3000:]
   assert f'Initialised from {old} (head reset' in new.stdout
   assert not NOT_OURS.search(new.stdout + new.stderr), new.stderr[-3000:]

@@ -28,7 +28,7 @@ from vit_jax.training import loop, preemption, steps
 from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 
-TOTAL_STEPS = 40
+TOTAL_STEPS = 20  # Room for two signals at random steps between checkpoints (every 4) before the end.
 RUN_FLAGS = ('--config.batch_size=128', '--config.log_every_steps=1', '--config.eval_every_steps=16',
              '--config.checkpoint_every_steps=4', '--config.model.dropout_rate=0.1',
              f'--config.total_steps={TOTAL_STEPS}')

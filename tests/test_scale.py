@@ -27,8 +27,7 @@ STEPS = 4
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # float32 rounding of differently ordered sums.
 
 
-@pytest.fixture
-def config(data_dir):
+def base_config(data_dir):
   """configs/base.py (the tiny model on digits) with augmentation on and no dropout.
 
   SGD rather than Adam: Adam divides each gradient by its own running scale,
@@ -46,6 +45,12 @@ def config(data_dir):
   config.optimizer.warmup_steps = 1
   config.mesh.fsdp_min_size = 16  # Small enough that the tiny model's arrays really split.
   return config
+
+
+@pytest.fixture
+def config(data_dir):
+  """`base_config`, for a test to change."""
+  return base_config(data_dir)
 
 
 def train_steps(config, devices, num_steps, state=None):
@@ -71,10 +76,10 @@ def assert_same_params(actual, expected):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.fixture
-def one_device_run(config):
-  """The reference: STEPS steps on a single device."""
-  return train_steps(config, jax.devices()[:1], STEPS)
+@pytest.fixture(scope='module')
+def one_device_run(data_dir):
+  """The reference: STEPS steps of `base_config` on a single device (once: the tests only read it)."""
+  return train_steps(base_config(data_dir), jax.devices()[:1], STEPS)
 
 
 def test_eight_devices_equal_one(config, one_device_run):

@@ -1,16 +1,15 @@
-"""Training through the real launcher on 8 virtual CPU devices, resume, and bad input."""
+"""Training through the launcher's code path (`vit-jax train`) on 8 virtual CPU devices, resume, and bad input."""
 
 import json
 import re
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, xla_flags
+from tests.conftest import REPO
 from vit_jax.training import loop
 from vit_jax.errors import UsageError
 
@@ -23,17 +22,9 @@ def train_flags(workdir, data_dir, *overrides):
           *overrides]
 
 
-def launch(workdir, data_dir, *overrides, devices=8):
-  """Runs `python -m vit_jax.main` with `train_flags` in a subprocess."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-             TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *train_flags(workdir, data_dir, *overrides)],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def train_in_process(run_command, workdir, data_dir, *overrides) -> subprocess.CompletedProcess:
-  """`vit-jax train` with `train_flags`, in this process (conftest's `run_command`): returns what `launch`
-  returns."""
+  """`vit-jax train` with `train_flags`, in this process (conftest's `run_command`, 8 devices): its exit
+  code and output, as a launcher process would give them."""
   return run_command('train', *train_flags(workdir, data_dir, *overrides))
 
 
@@ -44,7 +35,9 @@ def read_metrics(workdir):
 
 def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir, run_command):
   workdir = tmp_path / 'run'
-  first = launch(workdir, data_dir, '--config.total_steps=4')
+  # `vit-jax train` in this process: the launcher's whole code path from argv on. Launcher processes
+  # (`python -m vit_jax.main`) are started by test_fault_tolerance.py and the sweep tests.
+  first = train_in_process(run_command, workdir, data_dir, '--config.total_steps=4')
   assert first.returncode == 0, first.stderr[-3000:]
   assert '8 devices' in first.stdout
   assert "XLA:CPU scheduler: concurrency-optimised, XLA:CPU's default" in first.stdout  # Its plan fits.
@@ -64,7 +57,6 @@ def test_launcher_trains_writes_workdir_and_resumes(tmp_path, data_dir, run_comm
 
   # Same command, longer schedule: continues from step 4 rather than starting over, also
   # with rematerialisation switched on (how the model is computed, not which model it is).
-  # The process itself was shown above: the rest runs the same code path in this process.
   second = train_in_process(run_command, workdir, data_dir, '--config.total_steps=6', '--config.model.remat=full')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 4' in second.stdout
