@@ -12,8 +12,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.conftest import REPO, xla_flags
-from vit_jax.models import attention as attention_ops
 from vit_jax.tools import selfcheck
+from vit_jax.training.platform import ATTENTION_IMPLEMENTATIONS
 
 TINY = ['--variant', 'tiny/2', '--image_size', '8', '--batch_size', '16', '--steps', '3', '--ceiling_sizes', '256']
 # The data pipeline's packages, often missing on an accelerator image: none can be imported in the
@@ -36,7 +36,7 @@ def test_selfcheck_passes_on_8_cpu_devices_without_tensorflow(tmp_path):
   assert out.splitlines()[-1] == 'loaded: []', out
   assert 'FAIL' not in out and 'error:' not in result.stderr, out + result.stderr
   assert out.startswith('jax ') and '8 x cpu (cpu); ViT-tiny/2, bfloat16, batch 16' in out
-  implementations = attention_ops.ATTENTION_IMPLEMENTATIONS
+  implementations = ATTENTION_IMPLEMENTATIONS
   for layout in selfcheck.LAYOUTS:
     for implementation in implementations:
       assert any(line.split()[:2] == [layout, implementation] and 'img/s' in line for line in out.splitlines()), \
@@ -92,7 +92,7 @@ def test_a_failed_check_is_a_fail_line_an_error_line_and_exit_code_1(capsys):
 def test_bad_flags_are_one_error_line(run_command):
   cases = [(['--steps', '1'], '--steps=1: give 2 or more'),
            (['--batch_size', '12'], '--batch_size=12 must be a positive multiple of the 8 devices'),
-           (['--attention', 'flash'], f'use one or more of {", ".join(attention_ops.ATTENTION_IMPLEMENTATIONS)}'),
+           (['--attention', 'flash'], f'use one or more of {", ".join(ATTENTION_IMPLEMENTATIONS)}'),
            (['--variant', 'Q/16'], "Unknown model variant 'Q/16'"),
            (['--variant', 'tiny/3', '--image_size', '8'], 'not divisible by the patch size 3')]
   for flags, expected in cases:

@@ -1,14 +1,13 @@
 """Attention functions of the encoder: plain XLA ops, differentiable in both modes.
 
-The model computes self-attention with `explicit_attention` unless it is
-given another function of the same signature: cuDNN's flash attention
-(vit_jax/gpu/cudnn.py) or a rule the CPU train step injects
-(vit_jax/cpu/kernels.py). Which one runs is decided by the training side
+The model computes self-attention with `explicit_attention` unless its
+`attention_fn` field holds another function of the same signature, which
+the training side sets for the platform a step is traced for
 (vit_jax/training/platform.py) before the model is applied.
 The Flax module that uses them is `vit_jax.models.layers.MultiHeadDotProductAttention`.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +16,6 @@ import numpy as np
 from vit_jax.models import naflex
 
 Array = jax.Array
-DType = Any
-
-# Names of `config.model.attention`: 'fused' is cuDNN's flash attention where
-# JAX's cuDNN path takes the operands (CUDA), XLA elsewhere; 'xla' never cuDNN;
-# 'reference' the explicit softmax with plain autodiff on every platform (no
-# CPU rule either).
-ATTENTION_IMPLEMENTATIONS = ('fused', 'xla', 'reference')
 
 
 def reference_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] = None):
@@ -44,8 +36,8 @@ def head_major_attention(q: Array, k: Array, v: Array, lengths: Optional[Array] 
 
   With heads next to batch, both products are batched matmuls over
   contiguous (tokens, head_dim) slices, and the softmax reduces the last,
-  contiguous axis; XLA:CPU runs this 1.3-1.6x faster than the
-  (batch, tokens, heads, head_dim) form, forward and backward.
+  contiguous axis (measured 1.3-1.6x faster than the (batch, tokens, heads,
+  head_dim) form, forward and backward).
   """
   scale = 1.0 / np.sqrt(q.shape[-1])
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * scale

@@ -229,8 +229,8 @@ def peak_memory_line(devices: list) -> str:
 
 
 def parser() -> ArgumentParser:
-  from vit_jax.models import attention as attention_ops
-  implementations = ','.join(attention_ops.ATTENTION_IMPLEMENTATIONS)
+  from vit_jax.training.platform import ATTENTION_IMPLEMENTATIONS
+  implementations = ','.join(ATTENTION_IMPLEMENTATIONS)
   p = ArgumentParser(prog='vit-jax selfcheck', description=__doc__.split('\n\n')[0])
   p.add_argument('--variant', default='S/16', help='model variant (default S/16)')
   p.add_argument('--image_size', type=int, default=224, help='square input side in pixels (default 224)')
@@ -251,7 +251,7 @@ def parser() -> ArgumentParser:
 
 def check_args(args, num_devices: int) -> None:
   """Raises UsageError for a flag value that cannot run."""
-  from vit_jax.models import attention as attention_ops
+  from vit_jax.training.platform import ATTENTION_IMPLEMENTATIONS
   if args.steps < 2:
     raise UsageError(f'--steps={args.steps}: give 2 or more (the first step is the warm-up; the loss must fall).')
   if args.image_size < 1:
@@ -261,10 +261,10 @@ def check_args(args, num_devices: int) -> None:
   if args.batch_size < 1 or args.batch_size % num_devices:
     raise UsageError(f'--batch_size={args.batch_size} must be a positive multiple of the {num_devices} devices.')
   args.attention = [name.strip() for name in args.attention.split(',') if name.strip()]
-  unknown = [name for name in args.attention if name not in attention_ops.ATTENTION_IMPLEMENTATIONS]
+  unknown = [name for name in args.attention if name not in ATTENTION_IMPLEMENTATIONS]
   if unknown or not args.attention:
     raise UsageError(f'--attention={",".join(args.attention)}: use one or more of '
-                     f'{", ".join(attention_ops.ATTENTION_IMPLEMENTATIONS)}, separated by commas.')
+                     f'{", ".join(ATTENTION_IMPLEMENTATIONS)}, separated by commas.')
   from vit_jax.models import model_from_config
   model_from_config(run_config(args, 'data-parallel', args.attention[0]))  # A bad variant or image size.
   try:

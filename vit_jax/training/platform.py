@@ -34,6 +34,12 @@ from vit_jax.models.vit import VisionTransformer
 # that keep each one.
 CPU_RULES = ('dense_backward', 'attention_backward', 'bfloat16_dot')
 
+# Names of `config.model.attention`: 'fused' is cuDNN's flash attention where
+# JAX's cuDNN path takes the operands (CUDA), XLA elsewhere; 'xla' never cuDNN;
+# 'reference' the explicit softmax with plain autodiff on every platform (no
+# CPU rule either).
+ATTENTION_IMPLEMENTATIONS = ('fused', 'xla', 'reference')
+
 EXPLICIT = 'XLA: explicit softmax attention on head-major operands'
 
 
