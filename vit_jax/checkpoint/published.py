@@ -37,8 +37,8 @@ server by STORAGE_EMULATOR_HOST in the tests); no TensorFlow is needed.
 import csv
 import dataclasses
 import fcntl
-import os
 import io
+import os
 import re
 import sys
 import tempfile
