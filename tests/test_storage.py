@@ -549,3 +549,31 @@ def test_s3_and_other_schemes_are_one_line_before_any_work(data_dir, run_command
     assert 's3:// is not supported, only local paths and gs://BUCKET/... URLs' in errors[0], (case, errors)
     assert 'Model ' not in result.stdout, case
   assert not (tmp_path / 'run').exists() and not os.path.exists('s3:')
+
+
+def test_a_held_lock_is_rewritten_and_not_taken_over(gcs, monkeypatch):
+  """A lock object whose holder lives is rewritten every LOCK_STALE_S / 4 seconds, so a waiter does not
+  take it over however long the holder works; the waiter gets it once the holder lets go."""
+  import threading
+  import time
+  from vit_jax import storage
+  monkeypatch.setattr(storage, 'LOCK_STALE_S', 1.0)  # Rewritten every 0.25 s; a waiter's limit is 1 s.
+  url = f'gs://{BUCKET}/locks/held.lock'
+  events, generations = [], set()
+
+  def waiter():
+    with storage.object_lock(url, poll_s=0.1):
+      events.append(('waiter has it', time.monotonic()))
+
+  with storage.object_lock(url):
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    deadline = time.monotonic() + 3 * storage.LOCK_STALE_S  # Three times the waiter's limit.
+    while time.monotonic() < deadline:
+      generations.add(gcsfs().info(url)['generation'])
+      time.sleep(0.1)
+    events.append(('holder lets go', time.monotonic()))
+  thread.join(timeout=30)
+  assert [name for name, _ in events] == ['holder lets go', 'waiter has it'], events
+  assert len(generations) >= 4, generations  # Rewritten while held.
+  assert not objects(f'gs://{BUCKET}/locks')  # Deleted by the last holder.
