@@ -161,7 +161,8 @@ def test_a_run_evaluates_exports_and_loads_at_another_patch_size(trained, tmp_pa
   assert at_8.config.model.variant == 'tiny/8' and at_8.model.patch_size == 8
   images = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, 16, 3)), jnp.float32)
   in_step = jax.jit(lambda p: at_8.model.apply({'params': flexi.resize_params(p, 8, (16, 16))}, images)[0])
-  np.testing.assert_allclose(at_8.model.apply({'params': at_8.params}, images)[0], in_step(run.params),
+  converted = jax.jit(lambda p: at_8.model.apply({'params': p}, images)[0])(at_8.params)
+  np.testing.assert_allclose(converted, in_step(run.params),
                              rtol=1e-5, atol=1e-5)
 
   # Exported at 8; and the export at 4 loaded into a patch-8 model goes through the same resize.

@@ -266,7 +266,7 @@ def test_hybrid_trains_through_the_launcher(hybrid_config, tmp_path):
   run = load_workdir(workdir)
   model = run.model.clone(dtype=jnp.float32)  # Maps in float32: rows of attention weights sum to 1.
   images = normal(0, (2, 32, 32, 3))
-  _, out = model.apply({'params': run.params}, images, return_attention=True)
+  _, out = jax.jit(lambda p, x: model.apply({'params': p}, x, return_attention=True))(run.params, images)
   maps = attention_maps.attention_maps(out, model, (32, 32))
   assert maps['rollout'].shape == (2, 32, 32) and maps['heads'].shape == (2, 2, 32, 32)
   np.testing.assert_allclose(maps['rollout'].sum(axis=(1, 2)), 1.0, rtol=1e-5)

@@ -53,8 +53,10 @@ def config(data_dir):
   return base_config(data_dir)
 
 
-def train_steps(config, devices, num_steps, state=None):
-  """Runs `num_steps` real train steps on a mesh over `devices`; returns (state, losses)."""
+def train_steps(config, devices, num_steps, state=None, keep_at=None):
+  """Runs `num_steps` real train steps on a mesh over `devices`; returns (state, losses), and with
+  `keep_at` also a host copy of the state after that many steps (the step donates its input) and its
+  shardings."""
   mesh = sharding.make_mesh(config, devices)
   run = loop.setup(config, mesh)
   init_rng, dropout_rng = loop.seed_rngs(config)
@@ -62,12 +64,14 @@ def train_steps(config, devices, num_steps, state=None):
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_rng)
   split = pipeline.open_split(config.dataset, config.dataset.train_split)
   batches = pipeline.train_iterator(config, split, int(state.step), 0, 1)
-  losses = []
-  for _ in range(num_steps):
+  losses, kept = [], None
+  for i in range(num_steps):
     state, metrics = run.step_fn(state, sharding.global_batch(next(batches), run.batch_sharding),
                                  dropout_rng)
     losses.append(float(metrics['train/loss']))
-  return state, losses
+    if i + 1 == keep_at:
+      kept = jax.device_get(state), jax.tree.map(lambda x: x.sharding, state)
+  return (state, losses) if keep_at is None else (state, losses, kept)
 
 
 def assert_same_params(actual, expected):
@@ -78,8 +82,9 @@ def assert_same_params(actual, expected):
 
 @pytest.fixture(scope='module')
 def one_device_run(data_dir):
-  """The reference: STEPS steps of `base_config` on a single device (once: the tests only read it)."""
-  return train_steps(base_config(data_dir), jax.devices()[:1], STEPS)
+  """The reference: STEPS steps of `base_config` on a single device (once: the tests only read it),
+  and a host copy of its state after STEPS // 2 steps."""
+  return train_steps(base_config(data_dir), jax.devices()[:1], STEPS, keep_at=STEPS // 2)
 
 
 def test_eight_devices_equal_one(config, one_device_run):
@@ -111,7 +116,9 @@ def test_accumulation_equals_full_batch(config, one_device_run):
 
 
 def test_checkpoint_from_one_device_resumes_on_eight(config, one_device_run, tmp_path):
-  state, _ = train_steps(config, jax.devices()[:1], STEPS // 2)
+  # The single-device run's state at its step STEPS // 2, put back as it was.
+  state = jax.device_put(*one_device_run[2])
+  assert int(state.step) == STEPS // 2 and state.params['head']['kernel'].sharding.device_set == {jax.devices()[0]}
   manager = checkpoint.create_manager(str(tmp_path), config)
   checkpoint.save(manager, STEPS // 2, state)
   manager.wait_until_finished()
