@@ -176,6 +176,32 @@ def outside_checkout(tmp_path) -> tuple[str, dict]:
   return str(cwd), env
 
 
+# One process outside the checkout: where `vit_jax` and `configs` come from, then `python -m vit_jax ARGS`
+# for each command given as JSON (runpy runs vit_jax/__main__.py as -m does), each one's output after a
+# marker line on stdout and stderr, then its exit code and the compilation cache's files. One process
+# instead of one per command saves seconds of imports each; JAX's in-memory caches are cleared between
+# commands, so each compiles its programs, or reads them from the persistent cache, as a process of its own.
+OUTSIDE_DRIVER = """
+import importlib.util, json, os, runpy, sys
+import vit_jax
+print(vit_jax.__file__, importlib.util.find_spec('configs'), flush=True)
+cache = os.environ['VIT_JAX_COMPILATION_CACHE_DIR']
+for args in json.loads(sys.argv[1]):
+  print('### command', flush=True)
+  print('### command', file=sys.stderr, flush=True)
+  sys.argv = ['vit_jax', *args]
+  try:
+    runpy.run_module('vit_jax', run_name='__main__', alter_sys=True)
+    code = 0
+  except SystemExit as e:
+    code = e.code or 0
+  sys.stderr.flush()
+  print('### exit', json.dumps([code, sorted(os.listdir(cache)) if os.path.isdir(cache) else []]), flush=True)
+  import jax
+  jax.clear_caches()
+"""
+
+
 def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_config, tmp_path):
   from vit_jax import load_workdir
   from vit_jax.tools import export
@@ -188,30 +214,33 @@ def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_con
   cwd, env = outside_checkout(tmp_path)
   cache = tmp_path / 'jax_cache'
   env.update(VIT_JAX_COMPILATION_CACHE='1', VIT_JAX_COMPILATION_CACHE_DIR=str(cache))
+  commands = [['predict', '--workdir', workdir, '--top_k', '2', images],
+              ['predict', '--checkpoint', npz, '--top_k', '2', images],
+              ['evaluate', '--workdir', workdir, '--out_dir', str(tmp_path / 'eval'), '--nocompilation_cache']]
+  result = subprocess.run([sys.executable, '-c', OUTSIDE_DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert not [line for line in result.stderr.splitlines() if any(n in line for n in TENSORFLOW_NOISE)], \
+      result.stderr
+  probe, *outputs = result.stdout.split('### command\n')
+  assert probe.split() == [os.path.join(env['PYTHONPATH'], 'vit_jax', '__init__.py'), 'None'], probe
+  errors = result.stderr.split('### command\n')[1:]
+  assert len(outputs) == len(errors) == len(commands), result.stdout + result.stderr
+  stdouts, cached = [], []
+  for output, err in zip(outputs, errors):
+    stdout, _, last = output.rpartition('### exit ')
+    code, files = json.loads(last)
+    assert code == 0, (stdout, err)
+    stdouts.append(stdout)
+    cached.append(files)
 
-  def vit_jax(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, '-m', 'vit_jax', *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert not [line for line in result.stderr.splitlines() if any(n in line for n in TENSORFLOW_NOISE)], \
-        result.stderr
-    return result
-
-  probe = subprocess.run([sys.executable, '-c', 'import vit_jax, importlib.util; print(vit_jax.__file__); '
-                          'print(importlib.util.find_spec("configs"))'], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=120)
-  assert probe.stdout.split() == [os.path.join(env['PYTHONPATH'], 'vit_jax', '__init__.py'), 'None'], probe
-
-  from_workdir = vit_jax('predict', '--workdir', workdir, '--top_k', '2', images)
-  assert from_workdir.stdout.count('%') == 2 * len(os.listdir(images))
-  cached = sorted(os.listdir(cache))
-  assert cached, 'the first predict wrote nothing into the compilation cache'
+  from_workdir, from_export, _ = stdouts
+  assert from_workdir.count('%') == 2 * len(os.listdir(images))
+  assert cached[0], 'the first predict wrote nothing into the compilation cache'
   # The exported parameters have the same shapes: the same program, read from the cache, nothing new.
-  from_export = vit_jax('predict', '--checkpoint', npz, '--top_k', '2', images)
-  assert from_export.stdout == from_workdir.stdout
-  assert sorted(os.listdir(cache)) == cached
+  assert from_export == from_workdir
+  assert cached[1] == cached[0]
 
-  vit_jax('evaluate', '--workdir', workdir, '--out_dir', str(tmp_path / 'eval'), '--nocompilation_cache')
   report = json.load(open(tmp_path / 'eval' / 'report.json'))
   assert report['num_examples'] == 360
 
