@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests import trained_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,16 +154,28 @@ import vit_jax, vit_jax.models, vit_jax.training.steps
 vit_jax.create_model, vit_jax.load_npz, vit_jax.get_config, vit_jax.retain_freed_memory  # The lazy names resolve.
 after = set(flags.FLAGS)
 tensorflow = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))
-json.dump({'tensorflow': tensorflow, 'new_flags': sorted(after - before)}, sys.stdout)
+print(json.dumps({'tensorflow': tensorflow, 'new_flags': sorted(after - before)}))
+# Then, in the same fresh process, the benchmark and memory commands' modules (test_benchmark_and_memory_...).
+from vit_jax.bench import benchmark
+from vit_jax.tools import memory
+from vit_jax.training import setup
+setup.setup
+print('tensorflow' in sys.modules)
 """
 
 
-def test_importing_the_package_model_and_train_step_loads_no_tensorflow_and_defines_no_flags():
-  # A fresh process: this one has long imported TensorFlow and defined flags.
+@pytest.fixture(scope='module')
+def import_probe() -> list[str]:
+  """The lines IMPORT_PROBE printed in a fresh process: this one has long imported TensorFlow and
+  defined flags. One process for both tests that read it."""
   result = subprocess.run([sys.executable, '-c', IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr
-  found = json.loads(result.stdout)
+  return result.stdout.splitlines()
+
+
+def test_importing_the_package_model_and_train_step_loads_no_tensorflow_and_defines_no_flags(import_probe):
+  found = json.loads(import_probe[0])
   assert found == {'tensorflow': [], 'new_flags': []}
 
 
@@ -258,10 +272,6 @@ def test_preparing_the_bundled_dataset_prints_our_line_and_no_tfds_bars(tmp_path
   assert err == '', err
 
 
-def test_benchmark_and_memory_need_no_tensorflow():
+def test_benchmark_and_memory_need_no_tensorflow(import_probe):
   """The accelerator hosts we benchmark on have no TensorFlow: the benchmark and memory commands import none."""
-  code = ('import sys\nfrom vit_jax.bench import benchmark\nfrom vit_jax.tools import memory\n'
-          'from vit_jax.training import setup\nsetup.setup\n'
-          "print('tensorflow' in sys.modules)")
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-  assert out.stdout.split() == ['False']
+  assert import_probe[1:] == ['False']
