@@ -18,16 +18,34 @@ def clean_env(**extra: str) -> dict[str, str]:
   return {**env, 'XLA_FLAGS': TEST_XLA_FLAGS, **extra}
 
 
-def device_count_after(code: str, **env: str) -> str:
-  script = f'from vit_jax.cpu import devices as cpu_devices\n{code}\nimport jax\nprint(jax.device_count())'
-  return subprocess.run([sys.executable, '-c', script], env=clean_env(**env), capture_output=True,
-                        text=True, check=True, cwd=REPO).stdout.split()
+# One process per case, forked from one that has imported JAX but started no backend (the seconds of
+# imports once, not per case): each case sets its environment, splits the CPU and counts JAX's devices.
+SPLIT_CASES = """
+import json, os, sys
+import jax  # The module only: each forked case starts the backends after its own split.
+from vit_jax.cpu import devices as cpu_devices
+for code, env in json.loads(sys.argv[1]):
+  pid = os.fork()
+  if pid == 0:
+    os.environ.update(env)
+    exec(code)
+    print(jax.device_count(), flush=True)
+    os._exit(0)
+  assert os.waitpid(pid, 0)[1] == 0, code
+"""
+
+
+def device_counts_after(*cases: tuple[str, dict]) -> list[list[str]]:
+  """For each (code, environment): what `code` printed, then JAX's device count, in a process of its own."""
+  out = subprocess.run([sys.executable, '-c', SPLIT_CASES, json.dumps(cases)], env=clean_env(),
+                       capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+  return [out[i:i + 2] for i in range(0, len(out), 2)]
 
 
 def test_split_cpu_gives_jax_that_many_devices():
-  assert device_count_after('print(cpu_devices.split_cpu(3))') == ['3', '3']
-  assert device_count_after('print(cpu_devices.split_cpu())', VIT_JAX_CPU_DEVICES='2') == ['2', '2']
-  assert device_count_after('print(cpu_devices.split_cpu())') == ['1', '1']
+  assert device_counts_after(('print(cpu_devices.split_cpu(3))', {}),
+                             ('print(cpu_devices.split_cpu())', {'VIT_JAX_CPU_DEVICES': '2'}),
+                             ('print(cpu_devices.split_cpu())', {})) == [['3', '3'], ['2', '2'], ['1', '1']]
 
 
 def test_existing_xla_flag_stands_and_conflicts_are_errors(monkeypatch):

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests import trained_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,16 +154,28 @@ import vit_jax, vit_jax.models, vit_jax.training.steps
 vit_jax.create_model, vit_jax.load_npz, vit_jax.get_config, vit_jax.retain_freed_memory  # The lazy names resolve.
 after = set(flags.FLAGS)
 tensorflow = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))
-json.dump({'tensorflow': tensorflow, 'new_flags': sorted(after - before)}, sys.stdout)
+print(json.dumps({'tensorflow': tensorflow, 'new_flags': sorted(after - before)}))
+# Then, in the same fresh process, the benchmark and memory commands' modules (test_benchmark_and_memory_...).
+from vit_jax.bench import benchmark
+from vit_jax.tools import memory
+from vit_jax.training import setup
+setup.setup
+print('tensorflow' in sys.modules)
 """
 
 
-def test_importing_the_package_model_and_train_step_loads_no_tensorflow_and_defines_no_flags():
-  # A fresh process: this one has long imported TensorFlow and defined flags.
+@pytest.fixture(scope='module')
+def import_probe() -> list[str]:
+  """The lines IMPORT_PROBE printed in a fresh process: this one has long imported TensorFlow and
+  defined flags. One process for both tests that read it."""
   result = subprocess.run([sys.executable, '-c', IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr
-  found = json.loads(result.stdout)
+  return result.stdout.splitlines()
+
+
+def test_importing_the_package_model_and_train_step_loads_no_tensorflow_and_defines_no_flags(import_probe):
+  found = json.loads(import_probe[0])
   assert found == {'tensorflow': [], 'new_flags': []}
 
 
@@ -176,6 +190,32 @@ def outside_checkout(tmp_path) -> tuple[str, dict]:
   return str(cwd), env
 
 
+# One process outside the checkout: where `vit_jax` and `configs` come from, then `python -m vit_jax ARGS`
+# for each command given as JSON (runpy runs vit_jax/__main__.py as -m does), each one's output after a
+# marker line on stdout and stderr, then its exit code and the compilation cache's files. One process
+# instead of one per command saves seconds of imports each; JAX's in-memory caches are cleared between
+# commands, so each compiles its programs, or reads them from the persistent cache, as a process of its own.
+OUTSIDE_DRIVER = """
+import importlib.util, json, os, runpy, sys
+import vit_jax
+print(vit_jax.__file__, importlib.util.find_spec('configs'), flush=True)
+cache = os.environ['VIT_JAX_COMPILATION_CACHE_DIR']
+for args in json.loads(sys.argv[1]):
+  print('### command', flush=True)
+  print('### command', file=sys.stderr, flush=True)
+  sys.argv = ['vit_jax', *args]
+  try:
+    runpy.run_module('vit_jax', run_name='__main__', alter_sys=True)
+    code = 0
+  except SystemExit as e:
+    code = e.code or 0
+  sys.stderr.flush()
+  print('### exit', json.dumps([code, sorted(os.listdir(cache)) if os.path.isdir(cache) else []]), flush=True)
+  import jax
+  jax.clear_caches()
+"""
+
+
 def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_config, tmp_path):
   from vit_jax import load_workdir
   from vit_jax.tools import export
@@ -188,30 +228,33 @@ def test_commands_work_from_an_unrelated_directory_without_the_checkout(tiny_con
   cwd, env = outside_checkout(tmp_path)
   cache = tmp_path / 'jax_cache'
   env.update(VIT_JAX_COMPILATION_CACHE='1', VIT_JAX_COMPILATION_CACHE_DIR=str(cache))
+  commands = [['predict', '--workdir', workdir, '--top_k', '2', images],
+              ['predict', '--checkpoint', npz, '--top_k', '2', images],
+              ['evaluate', '--workdir', workdir, '--out_dir', str(tmp_path / 'eval'), '--nocompilation_cache']]
+  result = subprocess.run([sys.executable, '-c', OUTSIDE_DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert not [line for line in result.stderr.splitlines() if any(n in line for n in TENSORFLOW_NOISE)], \
+      result.stderr
+  probe, *outputs = result.stdout.split('### command\n')
+  assert probe.split() == [os.path.join(env['PYTHONPATH'], 'vit_jax', '__init__.py'), 'None'], probe
+  errors = result.stderr.split('### command\n')[1:]
+  assert len(outputs) == len(errors) == len(commands), result.stdout + result.stderr
+  stdouts, cached = [], []
+  for output, err in zip(outputs, errors):
+    stdout, _, last = output.rpartition('### exit ')
+    code, files = json.loads(last)
+    assert code == 0, (stdout, err)
+    stdouts.append(stdout)
+    cached.append(files)
 
-  def vit_jax(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, '-m', 'vit_jax', *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert not [line for line in result.stderr.splitlines() if any(n in line for n in TENSORFLOW_NOISE)], \
-        result.stderr
-    return result
-
-  probe = subprocess.run([sys.executable, '-c', 'import vit_jax, importlib.util; print(vit_jax.__file__); '
-                          'print(importlib.util.find_spec("configs"))'], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=120)
-  assert probe.stdout.split() == [os.path.join(env['PYTHONPATH'], 'vit_jax', '__init__.py'), 'None'], probe
-
-  from_workdir = vit_jax('predict', '--workdir', workdir, '--top_k', '2', images)
-  assert from_workdir.stdout.count('%') == 2 * len(os.listdir(images))
-  cached = sorted(os.listdir(cache))
-  assert cached, 'the first predict wrote nothing into the compilation cache'
+  from_workdir, from_export, _ = stdouts
+  assert from_workdir.count('%') == 2 * len(os.listdir(images))
+  assert cached[0], 'the first predict wrote nothing into the compilation cache'
   # The exported parameters have the same shapes: the same program, read from the cache, nothing new.
-  from_export = vit_jax('predict', '--checkpoint', npz, '--top_k', '2', images)
-  assert from_export.stdout == from_workdir.stdout
-  assert sorted(os.listdir(cache)) == cached
+  assert from_export == from_workdir
+  assert cached[1] == cached[0]
 
-  vit_jax('evaluate', '--workdir', workdir, '--out_dir', str(tmp_path / 'eval'), '--nocompilation_cache')
   report = json.load(open(tmp_path / 'eval' / 'report.json'))
   assert report['num_examples'] == 360
 
@@ -229,10 +272,6 @@ def test_preparing_the_bundled_dataset_prints_our_line_and_no_tfds_bars(tmp_path
   assert err == '', err
 
 
-def test_benchmark_and_memory_need_no_tensorflow():
+def test_benchmark_and_memory_need_no_tensorflow(import_probe):
   """The accelerator hosts we benchmark on have no TensorFlow: the benchmark and memory commands import none."""
-  code = ('import sys\nfrom vit_jax.bench import benchmark\nfrom vit_jax.tools import memory\n'
-          'from vit_jax.training import setup\nsetup.setup\n'
-          "print('tensorflow' in sys.modules)")
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-  assert out.stdout.split() == ['False']
+  assert import_probe[1:] == ['False']
