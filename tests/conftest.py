@@ -58,9 +58,11 @@ def pytest_xdist_auto_num_workers(config):
 
 # The files that take longest (wall time in the suite, longest first), started first so that no worker is
 # left with one at the end. test_docs_quickstart.py waits for test_docs.py's README run: it starts later.
-SLOW_FILES = ('test_docs.py', 'test_slurm.py', 'test_docs_pages.py', 'test_storage.py', 'test_docs_quickstart.py',
-              'test_fault_tolerance.py', 'test_sweep.py', 'test_autodiff.py', 'test_ema.py', 'test_unavailable.py',
-              'test_naflex.py', 'test_scale.py', 'test_hybrid.py', 'test_package.py', 'test_models.py')
+SLOW_FILES = ('test_fault_tolerance.py', 'test_storage.py', 'test_slurm.py', 'test_autodiff.py', 'test_models.py',
+              'test_sweep.py', 'test_scale.py', 'test_unavailable.py', 'test_ema.py', 'test_flexivit.py',
+              'test_naflex.py', 'test_hybrid.py', 'test_docs.py', 'test_selfcheck.py', 'test_cli.py',
+              'test_package.py', 'test_docs_quickstart.py', 'test_train.py', 'test_accelerators.py',
+              'test_benchmark.py')
 
 
 def pytest_collection_modifyitems(items):
