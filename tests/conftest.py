@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 
 # Must happen before JAX initialises its backends.
@@ -73,7 +74,8 @@ def pytest_collection_modifyitems(items):
 
 
 # VIT_JAX_TESTS_CPU_LOG=PATH: each test's CPU seconds (its process and the processes it started and
-# waited for, user + system) appended to PATH as "seconds nodeid" lines. CPU time, unlike wall time,
+# waited for, user + system) appended to PATH as "seconds nodeid worker start end" lines (start and end
+# in seconds since the epoch: the workers' timeline). CPU time, unlike wall time,
 # ranks the tests on a machine that other work shares (docs/testing.md).
 CPU_LOG = os.environ.get('VIT_JAX_TESTS_CPU_LOG')
 
@@ -86,11 +88,12 @@ def _cpu_seconds() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-  start = _cpu_seconds() if CPU_LOG else 0.0
+  start, began = (_cpu_seconds(), time.time()) if CPU_LOG else (0.0, 0.0)
   yield
   if CPU_LOG:
+    worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
     with open(CPU_LOG, 'a') as f:
-      f.write(f'{_cpu_seconds() - start:.1f} {item.nodeid}\n')
+      f.write(f'{_cpu_seconds() - start:.1f} {item.nodeid} {worker} {began:.1f} {time.time():.1f}\n')
 
 
 def pytest_sessionfinish(session):
