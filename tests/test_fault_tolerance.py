@@ -309,12 +309,26 @@ def test_two_processes_take_the_same_resume_decisions(saved_run, data_dir, tmp_p
     with socket.socket() as s:
       s.bind(('127.0.0.1', 0))
       port = s.getsockname()[1]
+    # Python's fault handler: a process that crashes, or that the test aborts below, prints its stacks.
+    env = dict(environment(1), PYTHONFAULTHANDLER='1')  # 1 device each.
     processes = [subprocess.Popen(
         command(workdir, data_dir, '--config.batch_size=32', '--config.total_steps=6', *overrides,
                 '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)),
-        cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # 1 device each.
-        for i in range(2)]
-    return [(p.returncode, *outputs) for p, outputs in ((p, p.communicate(timeout=300)) for p in processes)]
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in processes]
+    except subprocess.TimeoutExpired:
+      for p in processes:  # Hung: each one still running says where, then all end.
+        if p.poll() is None:
+          p.send_signal(signal.SIGABRT)
+      outputs = [p.communicate(timeout=60) for p in processes]
+      raise AssertionError('a process hung; exit codes, then stderr ends: ' + repr(
+          [(p.returncode, stderr[-4000:]) for p, (_, stderr) in zip(processes, outputs)])) from None
+    finally:
+      for p in processes:
+        if p.poll() is None:
+          p.kill()
+    return [(p.returncode, *output) for p, output in zip(processes, outputs)]
 
   before = snapshot(workdir)
   for rc, _, stderr in launch('--config.optimizer.grad_clip_norm=0'):
