@@ -1,7 +1,8 @@
 """Killed, preempted, damaged, diverged or badly configured runs never lose work.
 
 The kill-and-resume test runs the real launcher in subprocesses and kills it
-with SIGKILL and SIGTERM at random steps; the other tests use real orbax
+with SIGKILL and SIGTERM at random steps, then resumes it and runs it
+uninterrupted in the test's process; the other tests use real orbax
 checkpoints in temporary workdirs.
 """
 
@@ -29,10 +30,11 @@ from vit_jax.errors import UsageError
 from vit_jax.models import model_from_config
 
 TOTAL_STEPS = 20  # Room for two signals at random steps between checkpoints (every 4) before the end.
-RUN_FLAGS = ('--config.batch_size=128', '--config.log_every_steps=1', '--config.eval_every_steps=16',
+BATCH_SIZE = 32  # Global: 16 examples per device, cheaper steps than the default 128.
+RUN_FLAGS = (f'--config.batch_size={BATCH_SIZE}', '--config.log_every_steps=1', '--config.eval_every_steps=16',
              '--config.checkpoint_every_steps=4', '--config.model.dropout_rate=0.1',
              f'--config.total_steps={TOTAL_STEPS}')
-DEVICES = 2  # Per launcher process of the kill-and-resume test: a sharded run, and less to compile than 8.
+DEVICES = 2  # Per launcher of the kill-and-resume test, and its reference's mesh: sharded, less to compile than 8.
 
 
 def command(workdir, data_dir, *overrides):
@@ -63,7 +65,7 @@ def run_config(data_dir):
   """The config the launcher builds from RUN_FLAGS, for restoring its checkpoints here."""
   config = defaults.get_config()
   config.dataset.data_dir = data_dir
-  config.batch_size = 128
+  config.batch_size = BATCH_SIZE
   config.total_steps = TOTAL_STEPS
   config.model.dropout_rate = 0.1
   return config
@@ -81,46 +83,45 @@ def metric_rows(workdir):
   return [{k: v for k, v in row.items() if k != 'train/images_per_sec'} for row in rows]
 
 
-def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_path, data_dir):
-  # The uninterrupted run goes on beside the interrupted ones.
+def test_killed_and_preempted_run_resumes_to_identical_params_and_metrics(tmp_path, data_dir, monkeypatch,
+                                                                           run_command):
+  # SIGKILL, then SIGTERM (preemption), each at a random step; then a run to the end.
+  rng = random.Random()
+  first, second = sorted(rng.sample(range(2, TOTAL_STEPS - 4), 2))
+  plan = f'(signals at steps {first}, {second})'
+  interrupted = tmp_path / 'interrupted'
+  rc, stdout, stderr = run_until(interrupted, data_dir, first, signal.SIGKILL)
+  assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
+
+  rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
+  assert rc == preemption.STOPPED_EXIT_CODE, (plan, stderr[-3000:])
+  saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
+  assert 'Received SIGTERM' in stdout and saved >= second, plan
+  assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
+
+  # The rest of the run, and the same run uninterrupted: `vit-jax train` in this process (two launcher
+  # starts spared), on DEVICES of its devices as the launchers above.
+  make_mesh, meshes = sharding.make_mesh, []
+  def launcher_mesh(config, devices=None):
+    meshes.append(make_mesh(config, jax.devices()[:DEVICES] if devices is None else devices))
+    return meshes[-1]
   reference = tmp_path / 'reference'
-  reference_log = open(tmp_path / 'reference.log', 'w+')
-  reference_run = subprocess.Popen(command(reference, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(DEVICES),
-                                   stdout=subprocess.DEVNULL, stderr=reference_log)
-  try:
-    # SIGKILL, then SIGTERM (preemption), each at a random step; then a run to the end.
-    rng = random.Random()
-    first, second = sorted(rng.sample(range(2, TOTAL_STEPS - 4), 2))
-    plan = f'(signals at steps {first}, {second})'
-    interrupted = tmp_path / 'interrupted'
-    rc, stdout, stderr = run_until(interrupted, data_dir, first, signal.SIGKILL)
-    assert rc == -signal.SIGKILL and f'step {TOTAL_STEPS}/' not in stdout, plan
-
-    rc, stdout, stderr = run_until(interrupted, data_dir, second, signal.SIGTERM)
-    assert rc == preemption.STOPPED_EXIT_CODE, (plan, stderr[-3000:])
-    saved = int(stdout.split('saved the checkpoint of step ')[1].split()[0])
-    assert 'Received SIGTERM' in stdout and saved >= second, plan
-    assert str(saved) in os.listdir(interrupted / 'checkpoints'), plan
-
-    result = subprocess.run(command(interrupted, data_dir, *RUN_FLAGS), cwd=REPO, env=environment(DEVICES),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (plan, result.stderr[-3000:])
-    assert f'Resuming from the checkpoint at step {saved}' in result.stdout, plan
-
-    reference_run.wait(timeout=300)
-    reference_log.seek(0)
-    assert reference_run.returncode == 0, reference_log.read()[-3000:]
-    config = run_config(data_dir)
-    expected, actual = final_state(reference, config), final_state(interrupted, config)
-    assert int(actual.step) == int(expected.step) == TOTAL_STEPS
-    for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
-                    jax.tree.leaves((expected.params, expected.opt_state))):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=plan)  # Bitwise.
-    assert metric_rows(interrupted) == metric_rows(reference), plan
-  finally:
-    if reference_run.poll() is None:
-      reference_run.kill()
-    reference_log.close()
+  with monkeypatch.context() as patch:
+    patch.setattr(sharding, 'make_mesh', launcher_mesh)
+    patch.chdir(REPO)
+    result = run_command('train', *command(interrupted, data_dir, *RUN_FLAGS)[3:])
+    finished = run_command('train', *command(reference, data_dir, *RUN_FLAGS)[3:])
+  assert result.returncode == 0, (plan, result.stderr[-3000:])
+  assert f'Resuming from the checkpoint at step {saved}' in result.stdout, plan
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert len(meshes) >= 2 and all(mesh.size == DEVICES for mesh in meshes)
+  config = run_config(data_dir)
+  expected, actual = final_state(reference, config), final_state(interrupted, config)
+  assert int(actual.step) == int(expected.step) == TOTAL_STEPS
+  for a, b in zip(jax.tree.leaves((actual.params, actual.opt_state)),
+                  jax.tree.leaves((expected.params, expected.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=plan)  # Bitwise.
+  assert metric_rows(interrupted) == metric_rows(reference), plan
 
 
 def caught_signals(pid):
@@ -308,12 +309,26 @@ def test_two_processes_take_the_same_resume_decisions(saved_run, data_dir, tmp_p
     with socket.socket() as s:
       s.bind(('127.0.0.1', 0))
       port = s.getsockname()[1]
+    # Python's fault handler: a process that crashes, or that the test aborts below, prints its stacks.
+    env = dict(environment(1), PYTHONFAULTHANDLER='1')  # 1 device each.
     processes = [subprocess.Popen(
         command(workdir, data_dir, '--config.batch_size=32', '--config.total_steps=6', *overrides,
                 '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)),
-        cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # 1 device each.
-        for i in range(2)]
-    return [(p.returncode, *outputs) for p, outputs in ((p, p.communicate(timeout=300)) for p in processes)]
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in processes]
+    except subprocess.TimeoutExpired:
+      for p in processes:  # Hung: each one still running says where, then all end.
+        if p.poll() is None:
+          p.send_signal(signal.SIGABRT)
+      outputs = [p.communicate(timeout=60) for p in processes]
+      raise AssertionError('a process hung; exit codes, then stderr ends: ' + repr(
+          [(p.returncode, stderr[-4000:]) for p, (_, stderr) in zip(processes, outputs)])) from None
+    finally:
+      for p in processes:
+        if p.poll() is None:
+          p.kill()
+    return [(p.returncode, *output) for p, output in zip(processes, outputs)]
 
   before = snapshot(workdir)
   for rc, _, stderr in launch('--config.optimizer.grad_clip_norm=0'):
