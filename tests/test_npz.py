@@ -26,13 +26,8 @@ def random_checkpoint(model, image_size, seed=0):
   Uniform in [-0.05, 0.05): numpy draws B/16's 86M float32 values so about 6x faster than normal ones."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))
   rng = np.random.default_rng(seed)
-
-  def uniform(shape):
-    values = rng.random(shape, np.float32)
-    values -= 0.5
-    values *= 0.1
-    return values
-  return {k: uniform(v.shape) for k, v in flatten_params(shapes['params']).items()}
+  return {k: (rng.random(v.shape, np.float32) - 0.5) * np.float32(0.1)
+          for k, v in flatten_params(shapes['params']).items()}
 
 
 def to_big_vision(flat, prefix='params/'):

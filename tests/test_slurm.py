@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import REPO, xla_flags
 from tests.slurm_cluster import CHECK_PERIOD_S, ENDED_STATES, Cluster, ClusterError, missing_programs
+from tests.test_fault_tolerance import caught_signals
 from tests.test_scale import STEPS, TOLERANCE, assert_same_params, config, one_device_run  # noqa: F401
 from vit_jax import checkpoint
 from vit_jax.config import defaults
@@ -203,11 +204,11 @@ def launcher_pids(job):
       with open(f'/proc/{pid}/environ', 'rb') as f:
         if f'SLURM_JOB_ID={job}'.encode() not in f.read().split(b'\0'):
           continue
-      with open(f'/proc/{pid}/status') as f:
-        mask = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
-    except (OSError, StopIteration):
+    except OSError:
       continue
-    pids[int(pid)] = {s for s in signal.Signals if mask >> (s - 1) & 1}
+    caught = caught_signals(pid)
+    if caught is not None:  # Not exited meanwhile.
+      pids[int(pid)] = caught
   return pids
 
 
